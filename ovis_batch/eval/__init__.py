@@ -1,0 +1,1 @@
+"""Scoring of what the batch job writes. Reads Parquet, writes reports; imports neither Ray nor torch."""

@@ -1,0 +1,1 @@
+"""Retrieval indexes (FAISS) over the embedding Parquet that the batch job writes."""
