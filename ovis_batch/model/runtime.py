@@ -1,0 +1,542 @@
+"""The runtime API the pipeline, the index and the checks call: `load_model` and `OvisModel`.
+
+    import ovis_batch
+    model = ovis_batch.load_model("path/or/org-name", device="cpu")
+    results = model.generate(images, prompts, max_new_tokens=64, thinking=True, thinking_budget=256)
+    image_vecs = model.embed_images(images, strategy="last_token")
+    text_vecs = model.embed_texts(texts, strategy="last_token")
+
+`OvisModel` owns one resident model. It takes PIL images, decoded arrays or `PreparedImage`s (uint8
+patches made by a CPU worker), runs one packed vision pass for the whole batch, and generates for
+left-padded rows, so that each item gives what it gives alone. Per-image problems (too small, too
+elongated) become results with an error, never an exception for the whole batch.
+
+Generation policy (kept close to upstream's `generate`, which is what the parity goldens record):
+- greedy unless `do_sample=True`; stops at `<|im_end|>` (or `<|endoftext|>`); `token_ids` include the
+  stopping token, as upstream returns it;
+- thinking on: the chat template lets the model open `<think>`; with a `thinking_budget`, upstream's
+  two-phase mechanism: generate at most `budget` tokens; if the answer did not finish and `</think>` is
+  missing, append the forced-ending sentence; continue with what remains of `max_new_tokens`;
+- the answer is what follows the first `</think>`; the reasoning is what precedes it, without the tags.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ovis_batch.model.checkpoint import (
+    CheckpointError,
+    chat_template,
+    iter_tensors,
+    read_config,
+    resolve_source,
+    weight_files,
+    weights_fingerprint,
+)
+from ovis_batch.model.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    ImageInputError,
+    PreparedImage,
+    normalize_patches,
+    prepare_image,
+)
+from ovis_batch.model.prompts import IMAGE_SUMMARY_PROMPT, TEXT_SUMMARY_PROMPT, PromptBuilder
+
+EMBEDDING_STRATEGIES = ("last_token", "vte_mean")
+ImageLike = PIL.Image.Image | np.ndarray | PreparedImage
+
+
+@dataclass
+class GenerationResult:
+    """One item's output. `error_type`/`error_message` are set (and the rest empty) when it failed."""
+
+    text: str = ""
+    reasoning: str | None = None
+    thinking_truncated: bool = False
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" (end token), "length" (max_new_tokens), "error"
+    visual_tokens: int = 0
+    width: int = 0
+    height: int = 0
+    input_width: int = 0
+    input_height: int = 0
+    embedding: np.ndarray | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    do_sample: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are slow and the goldens are fp32)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def l2_normalize(x: torch.Tensor) -> np.ndarray:
+    x = x.float()
+    return (x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)).cpu().numpy().astype(np.float32)
+
+
+class OvisModel:
+    """One resident Ovis2.5 model with its tokenizer, prompts and preprocessing settings."""
+
+    def __init__(
+        self,
+        module,
+        tokenizer,
+        template: str,
+        *,
+        name: str,
+        weights_sha256: str,
+        min_pixels: int = DEFAULT_MIN_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        revision: str | None = None,
+    ) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.prompts = PromptBuilder(tokenizer, template)
+        self.special = self.prompts.special
+        self.name = name
+        self.revision = revision
+        self.weights_sha256 = weights_sha256
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        vit = module.config.vit_config
+        self.patch_size, self.hidden_stride = vit.patch_size, vit.hidden_stride
+
+    # ------------------------------------------------------------------------------------------ identity
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.vte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.vte.weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.module.config.llm_config.hidden_size
+
+    def model_info(self) -> dict[str, Any]:
+        """What output metadata records so that any output can be traced to the weights that made it."""
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "weights_sha256": self.weights_sha256,
+            "model_type": "ovis2_5",
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "hidden_size": self.hidden_size,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+        }
+
+    # ------------------------------------------------------------------------------------------ images
+
+    def prepare(
+        self, images: Sequence[ImageLike], min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> list[PreparedImage | ImageInputError]:
+        """Each image as model input, or the per-image error that prevents it."""
+        out: list[PreparedImage | ImageInputError] = []
+        for image in images:
+            if isinstance(image, PreparedImage):
+                out.append(image)
+                continue
+            try:
+                out.append(
+                    prepare_image(
+                        image,
+                        min_pixels=min_pixels or self.min_pixels,
+                        max_pixels=max_pixels or self.max_pixels,
+                    )
+                )
+            except ImageInputError as exc:
+                out.append(exc)
+        return out
+
+    def _pack(self, prepared: Sequence[PreparedImage]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """uint8 patches -> one normalised pixel tensor on the model's device (normalised there)."""
+        patches = torch.from_numpy(np.concatenate([p.patches for p in prepared]))
+        patches = patches.to(self.device, non_blocking=True)
+        return normalize_patches(patches, self.dtype), [tuple(p.grid_thw) for p in prepared]
+
+    @torch.inference_mode()
+    def visual_embeddings(self, image: ImageLike) -> torch.Tensor:
+        """VTE output for one image: float32 `[visual tokens, hidden]` on the CPU."""
+        (prepared,) = self.prepare([image])
+        if isinstance(prepared, ImageInputError):
+            raise prepared
+        pixels, grids = self._pack([prepared])
+        return self.module.visual_embeddings(pixels, grids).float().cpu()
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    def generate(
+        self,
+        images: Sequence[ImageLike],
+        prompts: str | Sequence[str],
+        *,
+        max_new_tokens: int = 512,
+        thinking: bool = False,
+        thinking_budget: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 0.6,
+        top_p: float = 0.95,
+        top_k: int = 20,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        embedding: str | None = None,
+    ) -> list[GenerationResult]:
+        """Answer each (image, prompt); `embedding` also fills `.embedding` from the same vision pass."""
+        sampling = SamplingSettings(do_sample, temperature, top_p, top_k, repetition_penalty, seed)
+        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompt_list) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(prompt_list)} prompts")
+        self._check_budget(max_new_tokens, thinking, thinking_budget)
+        if embedding is not None:
+            _check_strategy(embedding)
+        prepared = self.prepare(images, min_pixels, max_pixels)
+        results = [_result_for(p) for p in prepared]
+        good = [i for i, p in enumerate(prepared) if isinstance(p, PreparedImage)]
+        if not good:
+            return results
+        with torch.inference_mode():
+            pixels, grids = self._pack([prepared[i] for i in good])
+            visual = self.module.visual_embeddings(pixels, grids)
+            per_image = visual.split([prepared[i].visual_tokens for i in good])
+            rows = [self.prompts.build(prompt_list[i], prepared[i].visual_tokens, thinking) for i in good]
+            prompt_embeds = [self._embed_row(ids, vis) for ids, vis in zip(rows, per_image, strict=True)]
+            outputs = self._generate_rows(prompt_embeds, max_new_tokens, thinking, thinking_budget, sampling)
+            vectors = self._image_vectors(embedding, per_image) if embedding else None
+        for k, i in enumerate(good):
+            result = results[i]
+            result.prompt_tokens = len(rows[k])
+            self._fill(result, outputs[k], thinking)
+            if vectors is not None:
+                result.embedding = vectors[k]
+        return results
+
+    def _check_budget(self, max_new_tokens: int, thinking: bool, thinking_budget: int | None) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if thinking_budget is None or not thinking:
+            return
+        if thinking_budget < 1:
+            raise ValueError(f"thinking_budget must be >= 1, got {thinking_budget}")
+        forced = len(self.prompts.early_stop_ids)
+        if max_new_tokens <= thinking_budget + forced:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for an answer after a thinking budget of "
+                f"{thinking_budget} tokens and the {forced}-token forced ending; set max_new_tokens to at "
+                f"least {thinking_budget + forced + 1} (more for useful answers) or lower the budget"
+            )
+
+    def _embed_row(self, ids: list[int], visual: torch.Tensor | None) -> torch.Tensor:
+        input_ids = torch.tensor([ids], device=self.device)
+        return self.module.embed_inputs(input_ids, visual_embeds=visual)[0]
+
+    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
+        return self.module.get_input_embeddings()(torch.tensor(ids, device=self.device, dtype=torch.long))
+
+    def _left_pad(self, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack `[L_i, H]` embeddings left-padded (with the pad token's embedding) plus the attention mask."""
+        width = max(r.shape[0] for r in rows)
+        pad = self._embed_ids([self.special.pad])[0]
+        embeds = pad.expand(len(rows), width, pad.shape[0]).clone()
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for b, r in enumerate(rows):
+            embeds[b, width - r.shape[0] :] = r
+            mask[b, width - r.shape[0] :] = 1
+        return embeds, mask
+
+    def _llm_generate(
+        self, rows: Sequence[torch.Tensor], max_new_tokens: int, sampling: SamplingSettings
+    ) -> list[list[int]]:
+        """New token ids per row, each cut after its first end token (stopping token kept)."""
+        from transformers import GenerationConfig
+
+        embeds, mask = self._left_pad(rows)
+        ends = [self.special.im_end, self.special.pad]
+        settings: dict[str, Any] = {"do_sample": sampling.do_sample}
+        if sampling.do_sample:
+            settings.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        if sampling.repetition_penalty:
+            settings["repetition_penalty"] = sampling.repetition_penalty
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, eos_token_id=ends, pad_token_id=self.special.pad, **settings
+        )
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            out = self.module.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        new = []
+        for row in out.tolist():
+            for j, tok in enumerate(row):
+                if tok in ends:
+                    row = row[: j + 1]
+                    break
+            new.append(row)
+        return new
+
+    def _generate_rows(
+        self,
+        prompt_embeds: list[torch.Tensor],
+        max_new_tokens: int,
+        thinking: bool,
+        thinking_budget: int | None,
+        sampling: SamplingSettings,
+    ) -> list[tuple[list[int], bool]]:
+        """(token ids, thinking truncated) per row; applies the two-phase thinking budget per row."""
+        if not (thinking and thinking_budget is not None):
+            return [(ids, False) for ids in self._llm_generate(prompt_embeds, max_new_tokens, sampling)]
+        phase1 = self._llm_generate(prompt_embeds, thinking_budget, sampling)
+        outputs: list[tuple[list[int], bool]] = []
+        pending: list[tuple[int, list[int], int]] = []  # (row, ids so far, tokens left)
+        for b, ids in enumerate(phase1):
+            if self.special.im_end in ids or len(ids) < thinking_budget:
+                outputs.append((ids, False))  # finished inside the budget
+                continue
+            truncated = self.special.think_end not in ids
+            so_far = ids + (self.prompts.early_stop_ids if truncated else [])
+            outputs.append((so_far, truncated))
+            pending.append((b, so_far, max_new_tokens - len(so_far)))
+        if pending:
+            rows = [torch.cat([prompt_embeds[b], self._embed_ids(so_far)]) for b, so_far, _ in pending]
+            longest = max(left for _, _, left in pending)
+            phase2 = self._llm_generate(rows, longest, sampling)
+            for (b, so_far, left), more in zip(pending, phase2, strict=True):
+                outputs[b] = (so_far + more[:left], outputs[b][1])
+        return outputs
+
+    def _fill(self, result: GenerationResult, output: tuple[list[int], bool], thinking: bool) -> None:
+        ids, truncated = output
+        special = self.special
+        result.token_ids = ids
+        result.output_tokens = len(ids)
+        result.thinking_truncated = truncated
+        result.finish_reason = "stop" if ids and ids[-1] in (special.im_end, special.pad) else "length"
+        if thinking and special.think_end in ids:
+            k = ids.index(special.think_end)
+            reasoning_ids = [t for t in ids[:k] if t != special.think_start]
+            result.reasoning = self._decode(reasoning_ids)
+            result.reasoning_tokens = k + 1
+            result.text = self._decode(ids[k + 1 :])
+        else:
+            result.reasoning = "" if thinking else None
+            result.text = self._decode(ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------------------------------------ embeddings
+
+    def embed_images(self, images: Sequence[ImageLike], strategy: str = "last_token") -> np.ndarray:
+        """float32 `[n, hidden]`, L2-normalised. A bad image raises its ImageInputError (naming its index)."""
+        _check_strategy(strategy)
+        prepared = self.prepare(images)
+        for i, p in enumerate(prepared):
+            if isinstance(p, ImageInputError):
+                raise ImageInputError(p.error_type, f"image {i}: {p}")
+        if not prepared:
+            return np.zeros((0, self.hidden_size), np.float32)
+        with torch.inference_mode():
+            pixels, grids = self._pack(prepared)
+            visual = self.module.visual_embeddings(pixels, grids)
+            return self._image_vectors(strategy, visual.split([p.visual_tokens for p in prepared]))
+
+    def embed_texts(self, texts: Sequence[str], strategy: str = "last_token") -> np.ndarray:
+        """float32 `[n, hidden]`, L2-normalised, in the same space as `embed_images` with that strategy."""
+        _check_strategy(strategy)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"text {i} is empty: an embedding needs some text")
+        if not texts:
+            return np.zeros((0, self.hidden_size), np.float32)
+        with torch.inference_mode():
+            if strategy == "vte_mean":
+                return l2_normalize(
+                    torch.stack([self._embed_ids(self.prompts.encode(t)).float().mean(0) for t in texts])
+                )
+            rows = [
+                self._embed_ids(self.prompts.build(TEXT_SUMMARY_PROMPT.format(text=t), None, thinking=False))
+                for t in texts
+            ]
+            return self._last_hidden(rows)
+
+    def _image_vectors(self, strategy: str, per_image: Sequence[torch.Tensor]) -> np.ndarray:
+        if strategy == "vte_mean":
+            return l2_normalize(torch.stack([v.float().mean(0) for v in per_image]))
+        rows = [
+            self._embed_row(self.prompts.build(IMAGE_SUMMARY_PROMPT, v.shape[0], thinking=False), v)
+            for v in per_image
+        ]
+        return self._last_hidden(rows)
+
+    def _last_hidden(self, rows: Sequence[torch.Tensor]) -> np.ndarray:
+        """Final hidden state (after the last norm) of each row's last token; rows are left-padded."""
+        embeds, mask = self._left_pad(rows)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.module.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        return l2_normalize(hidden.last_hidden_state[:, -1])
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in EMBEDDING_STRATEGIES:
+        raise ValueError(f"unknown embedding strategy {strategy!r}; choose one of {', '.join(EMBEDDING_STRATEGIES)}")
+
+
+def _result_for(prepared: PreparedImage | ImageInputError) -> GenerationResult:
+    if isinstance(prepared, ImageInputError):
+        return GenerationResult(finish_reason="error", error_type=prepared.error_type, error_message=str(prepared))
+    return GenerationResult(
+        visual_tokens=prepared.visual_tokens,
+        width=prepared.width,
+        height=prepared.height,
+        input_width=prepared.input_width,
+        input_height=prepared.input_height,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_model(
+    source: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    attn_implementation: str = "sdpa",
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    revision: str | None = None,
+):
+    """Load an Ovis checkpoint folder (official layout), a training checkpoint folder, or a hub id.
+
+    `device` defaults to CUDA when available; `dtype` to bfloat16 on GPU and float32 on CPU. Ovis2
+    (`model_type: ovis2`) checkpoints load through transformers' native classes behind the same API.
+    """
+    device = torch.device(device or default_device())
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+    folder = resolve_source(source)
+    config = read_config(folder)
+    if config["model_type"] == "ovis2":
+        from ovis_batch.model.ovis2 import load_ovis2
+
+        return load_ovis2(folder, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+    started = time.perf_counter()
+    module = load_ovis2_5_module(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    tokenizer = load_tokenizer(folder)
+    model = OvisModel(
+        module,
+        tokenizer,
+        chat_template(folder),
+        name=str(source),
+        weights_sha256=weights_fingerprint(weight_files(folder)),
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        revision=revision,
+    )
+    model.load_seconds = time.perf_counter() - started
+    return model
+
+
+def load_tokenizer(folder: Path):
+    """The Qwen2 BPE tokenizer, loaded by class (never AutoTokenizer, which would consult `auto_map`)."""
+    from transformers import Qwen2Tokenizer
+
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        raise CheckpointError(f"no tokenizer in {folder}: tokenizer.json (or vocab.json + merges.txt) is missing")
+    try:
+        return Qwen2Tokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise CheckpointError(f"the tokenizer files in {folder} could not be loaded ({exc})") from exc
+
+
+def load_ovis2_5_module(
+    folder: Path, *, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa"
+):
+    """Build the module on the meta device and assign the checkpoint's tensors (no double allocation)."""
+    from ovis_batch.model.ovis2_5 import Ovis2_5Config, Ovis2_5ForConditionalGeneration
+
+    files = weight_files(folder)
+    try:
+        config = Ovis2_5Config.from_pretrained(str(folder))
+    except Exception as exc:
+        raise CheckpointError(f"{folder / 'config.json'} is not a valid Ovis2.5 config ({exc})") from exc
+    config.llm_config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        module = Ovis2_5ForConditionalGeneration(config)
+    expected = set(module.state_dict())
+    tied = module.llm.config.tie_word_embeddings
+    if tied:
+        expected.discard("llm.lm_head.weight")
+    state = {}
+    for name, tensor in iter_tensors(files):
+        if name == "llm.lm_head.weight" and tied:
+            continue
+        state[name] = tensor.to(device=device, dtype=dtype)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the weights in {folder} do not match its config.json: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    module.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        module.llm.lm_head.weight = module.llm.model.embed_tokens.weight
+    # Non-persistent buffers (rotary frequencies) were created on meta: rebuild them on the device.
+    _materialize_buffers(module, device)
+    return module.eval()
+
+
+def _materialize_buffers(module, device: torch.device) -> None:
+    """Recreate buffers computed at construction (rotary frequencies) that were left on the meta device."""
+    for sub in module.modules():
+        meta = [n for n, b in sub.named_buffers(recurse=False) if b.is_meta]
+        if not meta:
+            continue
+        with torch.device(device):
+            fresh = sub.rebuilt() if hasattr(sub, "rebuilt") else type(sub)(sub.config)
+        for n in meta:
+            setattr(sub, n, getattr(fresh, n))
