@@ -128,7 +128,9 @@ def iter_tensors(files: list[Path], device: str | torch.device = "cpu") -> Itera
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"{f} could not be read ({type(exc).__name__}: {exc}); re-download it") from exc
+            raise CheckpointError(
+                f"{f} could not be read ({type(exc).__name__}: {exc}); re-download it"
+            ) from exc
 
 
 def chat_template(folder: Path) -> str:

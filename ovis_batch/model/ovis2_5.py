@@ -64,7 +64,7 @@ class Ovis2_5Config(PreTrainedConfig):
     """The whole model: `llm_config` (Qwen3), `vit_config` (SigLIP2 NaViT) and the visual vocabulary."""
 
     model_type = "ovis2_5"
-    sub_configs_defaults = {  # noqa: RUF012 - the transformers config protocol
+    sub_configs_defaults = {
         "llm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3"),
         "vit_config": SubConfigSpec(config_class=Siglip2NavitConfig),
     }
@@ -135,7 +135,9 @@ class VisionRotaryEmbedding(nn.Module):
     def rebuilt(self) -> VisionRotaryEmbedding:
         return VisionRotaryEmbedding(self.head_dim, self.theta)
 
-    def forward(self, grid_thws: list[tuple[int, int, int]], stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, grid_thws: list[tuple[int, int, int]], stride: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.inv_freq.device
         positions = []
         for t, h, w in grid_thws:
@@ -266,7 +268,9 @@ class Siglip2Encoder(nn.Module):
         lengths = [h * w for t, h, w in grid_thws for _ in range(t)]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, lengths, rotary, use_reentrant=False)
+                hidden = torch.utils.checkpoint.checkpoint(
+                    layer, hidden, lengths, rotary, use_reentrant=False
+                )
             else:
                 hidden = layer(hidden, lengths, rotary)
         return hidden
@@ -368,7 +372,9 @@ class Ovis2_5ForConditionalGeneration(Ovis2_5PreTrainedModel):
 
     # -------------------------------------------------------------------------------- multimodal pieces
 
-    def visual_embeddings(self, pixel_values: torch.Tensor, grid_thws: list[tuple[int, int, int]]) -> torch.Tensor:
+    def visual_embeddings(
+        self, pixel_values: torch.Tensor, grid_thws: list[tuple[int, int, int]]
+    ) -> torch.Tensor:
         """VTE output for a pack of images: `[visual tokens, hidden]`, the probability-weighted table rows."""
         probs = self.visual_tokenizer(pixel_values, grid_thws)
         return probs.to(self.vte.weight.dtype) @ self.vte.weight

@@ -44,7 +44,9 @@ class SpecialTokens:
         ]:
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is None or token_id == tokenizer.unk_token_id:
-                raise ValueError(f"the tokenizer has no {token} token; is this a Qwen3-based Ovis2.5 checkpoint?")
+                raise ValueError(
+                    f"the tokenizer has no {token} token; is this a Qwen3-based Ovis2.5 checkpoint?"
+                )
             ids[name] = token_id
         return cls(**ids)
 

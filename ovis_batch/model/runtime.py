@@ -255,6 +255,34 @@ class OvisModel:
                 result.embedding = vectors[k]
         return results
 
+    def next_token_logits(
+        self, images: Sequence[ImageLike], prompts: str | Sequence[str], *, thinking: bool = False
+    ) -> torch.Tensor:
+        """float32 `[n, vocab]` logits of the first answer token, batched with left padding.
+
+        For scoring (e.g. the likelihood of each choice letter) and for parity checks. Bad images raise.
+        """
+        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        prepared = self.prepare(images)
+        for i, p in enumerate(prepared):
+            if isinstance(p, ImageInputError):
+                raise ImageInputError(p.error_type, f"image {i}: {p}")
+        with torch.inference_mode():
+            pixels, grids = self._pack(prepared)
+            per_image = self.module.visual_embeddings(pixels, grids).split(
+                [p.visual_tokens for p in prepared]
+            )
+            rows = [
+                self._embed_row(self.prompts.build(text, p.visual_tokens, thinking), v)
+                for text, p, v in zip(prompt_list, prepared, per_image, strict=True)
+            ]
+            embeds, mask = self._left_pad(rows)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.module.llm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1
+            )
+            return out.logits[:, -1].float().cpu()
+
     def _check_budget(self, max_new_tokens: int, thinking: bool, thinking_budget: int | None) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -307,7 +335,9 @@ class OvisModel:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            out = self.module.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+            out = self.module.llm.generate(
+                inputs_embeds=embeds, attention_mask=mask, generation_config=config
+            )
         new = []
         for row in out.tolist():
             for j, tok in enumerate(row):
@@ -421,12 +451,16 @@ class OvisModel:
 
 def _check_strategy(strategy: str) -> None:
     if strategy not in EMBEDDING_STRATEGIES:
-        raise ValueError(f"unknown embedding strategy {strategy!r}; choose one of {', '.join(EMBEDDING_STRATEGIES)}")
+        raise ValueError(
+            f"unknown embedding strategy {strategy!r}; choose one of {', '.join(EMBEDDING_STRATEGIES)}"
+        )
 
 
 def _result_for(prepared: PreparedImage | ImageInputError) -> GenerationResult:
     if isinstance(prepared, ImageInputError):
-        return GenerationResult(finish_reason="error", error_type=prepared.error_type, error_message=str(prepared))
+        return GenerationResult(
+            finish_reason="error", error_type=prepared.error_type, error_message=str(prepared)
+        )
     return GenerationResult(
         visual_tokens=prepared.visual_tokens,
         width=prepared.width,
@@ -486,7 +520,9 @@ def load_tokenizer(folder: Path):
     from transformers import Qwen2Tokenizer
 
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
-        raise CheckpointError(f"no tokenizer in {folder}: tokenizer.json (or vocab.json + merges.txt) is missing")
+        raise CheckpointError(
+            f"no tokenizer in {folder}: tokenizer.json (or vocab.json + merges.txt) is missing"
+        )
     try:
         return Qwen2Tokenizer.from_pretrained(str(folder))
     except Exception as exc:
