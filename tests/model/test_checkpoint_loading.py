@@ -144,7 +144,7 @@ def test_weights_that_do_not_match_the_config(ckpt):
     config = json.loads((ckpt / "config.json").read_text())
     config["vit_config"]["num_hidden_layers"] = 4
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="do not match its config.json: 16 missing"):
+    with pytest.raises(CheckpointError, match=r"do not match its config\.json: 16 missing"):
         ovis_batch.load_model(ckpt)
 
 
