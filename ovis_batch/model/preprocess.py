@@ -208,19 +208,30 @@ def normalize_patches(patches: torch.Tensor, dtype: torch.dtype | None = None) -
 
     Runs on the tensor's own device, so the pipeline ships uint8 (4x fewer bytes) and the GPU worker
     expands it. Upstream rescales in float64 (x * 0.00392156862745098), casts to float32, then subtracts
-    0.5 and divides by 0.5 in float32. Only 256 inputs exist, so we compute those 256 values that exact
-    way once and look them up: the result does not depend on how a device's kernels round a division
-    (CUDA turns division by a scalar into a multiplication by its reciprocal, which differs in the last
-    bit for 111 of the 256 values). `dtype` defaults to float32; other dtypes are cast from those values,
-    as upstream casts its float32 pixel values to the model's dtype.
+    0.5 and divides by 0.5 in float32. A float32 division by 255 that is correctly rounded gives the same
+    256 values, and CPU kernels divide exactly, so the CPU computes directly (a few ms per image). CUDA
+    turns a division by a scalar into a multiplication by its reciprocal, which differs in the last bit
+    for 111 of the 256 values, so other devices look the values up in a table computed upstream's way.
+    `dtype` defaults to float32; other dtypes are cast from the float32 values, as upstream casts its
+    pixel values to the model's dtype.
     """
     import torch
 
     if patches.dtype != torch.uint8:
         raise TypeError(f"normalize_patches expects uint8 patches, got {patches.dtype}")
+    if patches.device.type == "cpu":
+        pixels = patches.to(torch.float32).div_(255.0).sub_(0.5).div_(0.5)
+    else:
+        pixels = torch.take(_pixel_value_table(patches.device), patches.long())
+    return pixels if dtype in (None, torch.float32) else pixels.to(dtype)
+
+
+def _pixel_value_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256 float32 pixel values, computed in upstream's order of operations."""
+    import torch
+
     rescaled = (torch.arange(256, dtype=torch.float64) * 0.00392156862745098).to(torch.float32)
-    table = ((rescaled - 0.5) / 0.5).to(dtype or torch.float32).to(patches.device)
-    return torch.take(table, patches.long())
+    return ((rescaled - 0.5) / 0.5).to(device)
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:

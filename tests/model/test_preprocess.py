@@ -14,6 +14,7 @@ from ovis_batch.model.preprocess import (
     DEFAULT_MIN_PIXELS,
     ImageInputError,
     PreparedImage,
+    _pixel_value_table,
     normalize_patches,
     patchify,
     prepare_image,
@@ -203,6 +204,11 @@ def test_normalize_patches_reproduces_upstream_for_every_byte():
     ours = normalize_patches(torch.from_numpy(every_byte))
     assert torch.equal(ours, torch.from_numpy(upstream_pixel_values(every_byte)))
     assert ours[0, 0] == -1.0 and ours[0, 255] == 1.0
+
+
+def test_lookup_table_used_off_cpu_holds_the_same_values():
+    every_byte = np.arange(256, dtype=np.uint8)
+    assert torch.equal(_pixel_value_table(), torch.from_numpy(upstream_pixel_values(every_byte)))
 
 
 def test_normalize_patches_other_dtypes_are_casts_of_the_float32_values():
