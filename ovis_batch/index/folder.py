@@ -1,0 +1,333 @@
+"""The index folder: its files, `index.json`, the id map, and writes that never damage what exists.
+
+    INDEX_DIR/
+      index.faiss      the FAISS index (vectors keyed by int64 FAISS ids)
+      id_map.parquet   faiss_id -> id, caption; sorted by faiss_id, so lookups read few row groups
+      index.json       written last: format version, model, strategy, dim, count, kind, build
+                       parameters, search parameter, measured recall, history of builds and adds
+
+Every build or add writes a complete new folder next to the old one (`.INDEX_DIR.staging-*`) and then
+swaps it in with two renames; a failure before the swap leaves the existing index exactly as it was.
+If the process dies between the two renames, the previous index is still there under
+`.INDEX_DIR.previous-*` and opening the index says so. A lock file (`.INDEX_DIR.lock`, flock) keeps two
+writers from racing; readers need no lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+import ovis_batch
+from ovis_batch.index.errors import IndexFolderError
+from ovis_batch.index.provenance import EmbeddingProvenance, ModelIdentity
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+ID_MAP_FILE = "id_map.parquet"
+MANIFEST_FILE = "index.json"
+ID_MAP_SCHEMA = pa.schema([("faiss_id", pa.int64()), ("id", pa.string()), ("caption", pa.string())])
+_ID_MAP_ROW_GROUP = 65_536
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecallRecord(_Record):
+    """Recall@k of the approximate index vs exact search, measured at the last build or add."""
+
+    k: int
+    value: float
+    queries: int
+    floor: float
+    target: float
+    below_floor: bool
+    parameter: str | None  # "nprobe", "ef_search"; None for exact (flat)
+    parameter_value: int | None
+    sweep: dict[str, float]  # knob value -> recall, as tried
+    measured_at: str
+    count_at_measurement: int
+
+
+class HistoryEntry(_Record):
+    """One build or add: where the vectors came from and what happened to the rows."""
+
+    action: Literal["build", "add"]
+    at: str
+    embeddings: str
+    files: int
+    rows: int
+    added: int
+    replaced: int  # ids already in the index whose vector and caption were replaced
+    duplicates_in_input: int  # ids seen more than once in this input: the last one was kept
+    error_rows: int
+    without_embedding: int
+    skipped_bad_vectors: int
+    seconds: float
+
+
+class IndexManifest(_Record):
+    """The content of `index.json`."""
+
+    format_version: int
+    package_version: str
+    created_at: str
+    updated_at: str
+    model: dict[str, str | None]
+    embedding: dict[str, Any]  # {"strategy": str, "dim": int}
+    metric: Literal["inner_product"] = "inner_product"
+    id_column: str
+    count: int
+    next_faiss_id: int
+    kind: Literal["flat", "ivf", "hnsw"]
+    requested_kind: str
+    build: dict[str, Any]
+    search: dict[str, int]  # {"nprobe": 32} or {"ef_search": 64}; {} for flat
+    recall: RecallRecord
+    history: list[HistoryEntry]
+
+    def provenance(self) -> EmbeddingProvenance:
+        return EmbeddingProvenance(
+            ModelIdentity.from_dict(self.model), str(self.embedding["strategy"]), int(self.embedding["dim"])
+        )
+
+    @property
+    def search_value(self) -> int | None:
+        return next(iter(self.search.values()), None)
+
+
+def new_manifest(
+    provenance: EmbeddingProvenance, *, id_column: str, kind: str, requested_kind: str, build: dict[str, Any]
+) -> dict[str, Any]:
+    """The fields of a new index's manifest that do not depend on its content (completed at commit)."""
+    now = utc_now()
+    return {
+        "format_version": FORMAT_VERSION,
+        "package_version": ovis_batch.__version__,
+        "created_at": now,
+        "updated_at": now,
+        "model": provenance.model.to_dict(),
+        "embedding": {"strategy": provenance.strategy, "dim": provenance.dim},
+        "id_column": id_column,
+        "kind": kind,
+        "requested_kind": requested_kind,
+        "build": build,
+        "history": [],
+    }
+
+
+def read_manifest(folder: str | Path) -> IndexManifest:
+    """Read and check `index.json`; IndexFolderError names the folder and says what to do."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        leftovers = sorted(folder.parent.glob(f".{folder.name}.previous-*"))
+        if not folder.exists() and leftovers:
+            raise IndexFolderError(
+                f"no index at {folder}, but {leftovers[-1]} holds the previous one: a write was interrupted "
+                f"while swapping folders. Rename {leftovers[-1]} to {folder} and run the add again."
+            )
+        raise IndexFolderError(
+            f"{folder} is not an index folder (no {MANIFEST_FILE}); build one with `index build`"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise IndexFolderError(f"{path} is unreadable ({err}); rebuild the index with `index build`") from err
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise IndexFolderError(
+            f"{folder} has index format version {version!r}, this ovis-batch "
+            f"{ovis_batch.__version__} reads version {FORMAT_VERSION}. Rebuild it from the embeddings with "
+            f"`ovis-batch index build --overwrite`, or use the ovis-batch version that wrote it "
+            f"({raw.get('package_version', 'unknown') if isinstance(raw, dict) else 'unknown'})."
+        )
+    try:
+        return IndexManifest.model_validate(raw)
+    except ValidationError as err:
+        raise IndexFolderError(f"{path} is damaged:\n{err}\nRebuild the index with `index build`.") from err
+
+
+def open_index(folder: str | Path) -> tuple[IndexManifest, faiss.Index]:
+    """The manifest and FAISS index of `folder`, checked against each other."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    try:
+        index = faiss.read_index(str(folder / INDEX_FILE))
+    except RuntimeError as err:
+        raise IndexFolderError(f"cannot read {folder / INDEX_FILE}: {err}; rebuild the index") from err
+    if index.ntotal != manifest.count or index.d != manifest.embedding["dim"]:
+        raise IndexFolderError(
+            f"{folder} is inconsistent: {INDEX_FILE} holds {index.ntotal} vectors of dim {index.d}, "
+            f"{MANIFEST_FILE} says {manifest.count} of dim {manifest.embedding['dim']}; rebuild the index"
+        )
+    return manifest, index
+
+
+class IdMap:
+    """Read access to `id_map.parquet` without loading it whole (it can hold tens of millions of rows)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def rows(self) -> int:
+        return pq.ParquetFile(self.path).metadata.num_rows
+
+    def lookup(self, faiss_ids: np.ndarray) -> dict[int, tuple[str, str | None]]:
+        """faiss_id -> (id, caption) for the given FAISS ids (row groups pruned by faiss_id range)."""
+        wanted = [int(i) for i in faiss_ids if i >= 0]
+        if not wanted:
+            return {}
+        table = pq.read_table(self.path, filters=[("faiss_id", "in", wanted)])
+        return {
+            f: (i, c)
+            for f, i, c in zip(
+                table["faiss_id"].to_pylist(),
+                table["id"].to_pylist(),
+                table["caption"].to_pylist(),
+                strict=True,
+            )
+        }
+
+    def find(self, item_id: str) -> int | None:
+        """The FAISS id of `item_id`, or None."""
+        table = pq.read_table(self.path, columns=["faiss_id"], filters=[("id", "==", item_id)])
+        return int(table["faiss_id"][0].as_py()) if table.num_rows else None
+
+    def iter_keys(self, batch_rows: int = _ID_MAP_ROW_GROUP) -> Iterator[pa.RecordBatch]:
+        """(faiss_id, id) batches in faiss_id order."""
+        yield from pq.ParquetFile(self.path).iter_batches(batch_size=batch_rows, columns=["faiss_id", "id"])
+
+    def faiss_ids_of(self, ids: pa.Array) -> np.ndarray:
+        """FAISS ids of the rows whose id is in `ids` (one streaming pass over the id column)."""
+        found = [
+            batch.column(0).filter(pc.is_in(batch.column(1), value_set=ids)).to_numpy()
+            for batch in self.iter_keys()
+        ]
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+class IndexWriter:
+    """Lock, stage a complete new index folder beside `folder`, and swap it in on `commit`.
+
+    Use as a context manager; leaving it without `commit` (an exception) deletes the staging folder
+    and leaves the existing index untouched.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).absolute()
+        token = secrets.token_hex(4)
+        self.staging = self.folder.parent / f".{self.folder.name}.staging-{token}"
+        self._previous = self.folder.parent / f".{self.folder.name}.previous-{token}"
+        self._lock_path = self.folder.parent / f".{self.folder.name}.lock"
+        self._lock_file: Any = None
+        self._keys_written = 0
+
+    def __enter__(self) -> IndexWriter:
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        # Held (and flock-ed) until __exit__, so not a with-block.
+        self._lock_file = open(self._lock_path, "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            self._lock_file.close()
+            raise IndexFolderError(
+                f"another build or add is writing {self.folder} (lock {self._lock_path} is held); "
+                "wait for it to finish"
+            ) from err
+        (self.staging / "new_keys").mkdir(parents=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+
+    def stage_keys(self, keys: pa.Table) -> None:
+        """Keep id-map rows of newly added vectors (in faiss_id order) on disk until the commit."""
+        path = self.staging / "new_keys" / f"{self._keys_written:08d}.parquet"
+        pq.write_table(keys.cast(ID_MAP_SCHEMA), path)
+        self._keys_written += 1
+
+    def commit(
+        self, index: faiss.Index, manifest: IndexManifest, *, previous: IdMap | None, removed: np.ndarray
+    ) -> None:
+        """Write the FAISS file, the id map (previous rows + staged rows - removed ids), then index.json,
+        and swap the staged folder in."""
+        faiss.write_index(index, str(self.staging / INDEX_FILE))
+        removed_ids = pa.array(np.asarray(removed, dtype=np.int64))
+        rows = self._write_id_map(previous, removed_ids)
+        if rows != index.ntotal or rows != manifest.count:
+            raise AssertionError(f"id map has {rows} rows, index {index.ntotal}, manifest {manifest.count}")
+        shutil.rmtree(self.staging / "new_keys")
+        (self.staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        for name in (INDEX_FILE, ID_MAP_FILE, MANIFEST_FILE):
+            _fsync(self.staging / name)
+        self._swap()
+
+    def _write_id_map(self, previous: IdMap | None, removed: pa.Array) -> int:
+        staged = sorted((self.staging / "new_keys").glob("*.parquet"))
+        sources = ([previous.path] if previous is not None else []) + staged
+        rows, pending = 0, []
+        with pq.ParquetWriter(self.staging / ID_MAP_FILE, ID_MAP_SCHEMA) as writer:
+            for path in sources:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=_ID_MAP_ROW_GROUP):
+                    kept = pa.Table.from_batches([batch]).filter(
+                        pc.invert(pc.is_in(batch.column("faiss_id"), value_set=removed))
+                    )
+                    pending.append(kept.cast(ID_MAP_SCHEMA))
+                    rows += kept.num_rows
+                    if sum(t.num_rows for t in pending) >= _ID_MAP_ROW_GROUP:
+                        writer.write_table(pa.concat_tables(pending), row_group_size=_ID_MAP_ROW_GROUP)
+                        pending = []
+            if pending or rows == 0:
+                writer.write_table(pa.concat_tables(pending) if pending else ID_MAP_SCHEMA.empty_table())
+        return rows
+
+    def _swap(self) -> None:
+        if self.folder.exists():
+            os.rename(self.folder, self._previous)
+        try:
+            os.rename(self.staging, self.folder)
+        except OSError:
+            if self._previous.exists():
+                os.rename(self._previous, self.folder)
+            raise
+        shutil.rmtree(self._previous, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def check_build_target(folder: str | Path, overwrite: bool) -> None:
+    """Refuse to build over an existing index (unless `overwrite`) or over a folder that is not an index."""
+    folder = Path(folder)
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return
+    if not (folder / MANIFEST_FILE).is_file():
+        raise IndexFolderError(f"{folder} exists and is not an index folder; choose another --index path")
+    if not overwrite:
+        raise IndexFolderError(
+            f"{folder} already holds an index: grow it with `index add`, or pass --overwrite to replace it"
+        )
