@@ -54,6 +54,12 @@ from ovis_batch.model.preprocess import (
 
 DEFAULT_PIXEL_CEILING = 200_000_000
 DRAFT_MARGIN = 2  # a JPEG draft keeps at least this many times the model's input size on each side
+# The raster formats photo collections hold (those registered in this PIL build are tried; JPEG also
+# opens MPO). Anything else PIL could open is "not_an_image": EPS, for one, would run Ghostscript on
+# untrusted input.
+ACCEPTED_FORMATS = (
+    "JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF", "JPEG2000", "PPM", "TGA", "ICO",
+)  # fmt: skip
 
 # What PIL raises on bad data besides its own error classes (plugins parse headers in Python).
 _PIL_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
@@ -192,16 +198,18 @@ def _read_source(source: bytes | str | os.PathLike) -> tuple[bytes, str]:
 
 def _open(data: bytes, label: str) -> Image.Image:
     """Open the header only; no pixels are decoded yet."""
+    Image.init()  # loads PIL's format plugins once; later calls return at once
+    formats = [name for name in ACCEPTED_FORMATS if name in Image.OPEN]
     try:
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS (about 89 megapixels); our own ceiling decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError as error:
         raise ImageInputError(
             "not_an_image",
-            f"{label}: not an image format PIL can read (starts with {data[:8]!r}); check that the source "
-            "is an image and not, for example, an HTML error page",
+            f"{label}: not an image in an accepted format ({', '.join(formats)}; the data starts with "
+            f"{data[:8]!r}); check that the source is an image and not, for example, an HTML error page",
         ) from error
     except Image.DecompressionBombError as error:
         raise ImageInputError(

@@ -95,6 +95,7 @@ def smart_resize(
     `factor` and the long side shortened so that the area stays within max_pixels.
     """
     validate_pixel_limits(min_pixels, max_pixels, factor)
+    height, width = int(height), int(width)
     if min(height, width) < MIN_SIDE:
         raise ImageInputError(
             "image_too_small",

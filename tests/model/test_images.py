@@ -131,6 +131,13 @@ def test_text_with_an_image_name_is_not_an_image(tmp_path):
     assert "page.jpg" in str(caught.value) and "<html>" in str(caught.value)
 
 
+def test_formats_outside_the_accepted_list_are_refused():
+    # PIL recognises EPS, but loading it would run Ghostscript on untrusted input.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\n"
+    assert Image.open(io.BytesIO(eps)).format == "EPS"
+    assert error_type_of(eps) == "not_an_image"
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.9, 300], ids=["half", "most", "header_only"])
 def test_truncated_jpeg(photo_jpeg, keep):
     cut = int(len(photo_jpeg) * keep) if isinstance(keep, float) else keep
@@ -359,6 +366,15 @@ def test_draft_request_follows_exif_orientation(photos):
     assert from_fast.grid_thw == from_exact.grid_thw == (1, 10, 8)
     difference = np.abs(from_fast.patches.astype(np.int16) - from_exact.patches.astype(np.int16))
     assert difference.mean() < 0.6
+
+
+def test_multi_picture_jpeg_is_drafted_like_a_jpeg(photos):
+    first = Image.fromarray(photos["astronaut"]).resize((2048, 2048), Image.Resampling.BICUBIC)
+    data = encode(first, "MPO", save_all=True, append_images=[Image.fromarray(photos["coffee"])])
+    decoded = decode_image(data, max_pixels=128 * 128, fast=True)
+    assert decoded.format == "MPO"
+    assert decoded.image.size == (256, 256)  # 1/8 keeps twice the 128x128 target
+    assert (decoded.width, decoded.height) == (2048, 2048)
 
 
 def test_png_is_never_drafted():
