@@ -489,19 +489,28 @@ def load_ovis2(
     device = torch.device(device)
     files = weight_files(folder)  # fails by name on missing shards, .bin-only folders and truncation
     try:
-        module = Ovis2ForConditionalGeneration.from_pretrained(
+        module, loading = Ovis2ForConditionalGeneration.from_pretrained(
             str(folder),
             dtype=dtype,
             device_map={"": device},
             use_safetensors=True,
             local_files_only=True,
             attn_implementation=attn_implementation,
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"{folder} could not be loaded as an Ovis2 checkpoint ({type(exc).__name__}: {exc}); only the "
             "converted `-hf` checkpoints (model_type ovis2, Ovis2ForConditionalGeneration) load"
         ) from exc
+    # from_pretrained only warns about these and leaves the parameters random: refuse instead.
+    missing, mismatched = sorted(loading["missing_keys"]), sorted(loading["mismatched_keys"])
+    if missing or mismatched:
+        raise CheckpointError(
+            f"the weights in {folder} do not match its config.json: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(mismatched)} with other shapes (e.g. {mismatched[:3]}); is this an "
+            "original (not converted) Ovis2 checkpoint, or are shards missing?"
+        )
     try:
         processor = Ovis2Processor.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -221,6 +221,23 @@ def test_model_info_identifies_the_weights(model, tiny_ovis2_dir):
     assert (model.min_pixels, model.max_pixels) == (info["min_pixels"], info["max_pixels"])
 
 
+def test_weights_that_do_not_match_the_config_are_refused(tiny_ovis2_dir, tmp_path):
+    """transformers only warns about missing weights (and leaves them random); the loader refuses."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ovis_batch.model.checkpoint import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ovis2_dir, broken)
+    state = load_file(broken / "model.safetensors")
+    state["model.vte.weight"] = state.pop("model.visual_embeddings_table.weight")
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"1 missing.*visual_embeddings_table"):
+        ovis_batch.load_model(broken, device="cpu")
+
+
 def test_factory_refuses_to_overwrite_and_is_reproducible(tiny_ovis2_dir, tmp_path):
     from ovis_batch.model.checkpoint import weight_files, weights_fingerprint
 
