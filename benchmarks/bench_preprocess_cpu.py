@@ -1,14 +1,15 @@
 """CPU cost of turning encoded images into model inputs, per core, against a plain decode.
 
-    python benchmarks/bench_preprocess_cpu.py            # about a minute on one core
-    python benchmarks/bench_preprocess_cpu.py --repeats 9
+    python benchmarks/bench_preprocess_cpu.py                # under a minute on one core
+    python benchmarks/bench_preprocess_cpu.py --repeats 21   # steadier on a busy machine
 
 Everything runs in this one process on one thread (torch is limited to one thread; PIL decodes and
 resizes on the calling thread), so the rates are per core: a CPU stage with N workers does about N
 times as much. Images are encoded in memory first, so no disk I/O is timed.
 
-Pipelines timed per image (the best of `--repeats` runs after one warm-up: other processes on a shared
-machine only ever add time, so the minimum is the steadiest estimate of the work itself):
+Pipelines timed per image (the best of `--repeats` runs after one warm-up, the pipelines of an image
+taking turns: other processes on a shared machine only ever add time, so the minimum is the steadiest
+estimate of the work itself):
 
 - floor:  `Image.open(...).convert("RGB")`, a full decode and nothing else;
 - draft:  PIL's DCT-domain draft decode alone, at the size fast mode requests (only where one applies);
@@ -81,19 +82,22 @@ def draft_decode(encoded: bytes, request: tuple[int, int]) -> Image.Image:
     return image.convert("RGB")
 
 
-def best_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
+def best_seconds(runs: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Best time of each run, taking turns so that a burst of load elsewhere hits them all alike."""
+    for run in runs:
+        run()  # warm-up
+    best = [float("inf")] * len(runs)
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for index, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per pipeline (best reported)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per pipeline (best reported)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n")
@@ -108,7 +112,8 @@ def main() -> None:
         ("1792x1024 photo", jpeg(upscaled_photo(1792, 1024)), DEFAULT_MAX_PIXELS),
     ]
     print(
-        "| image | max_pixels | model input | pipeline | decoded at | ms / image | images/s per core | time vs floor |"
+        "| image | max_pixels | model input | pipeline | decoded at | ms / image | images/s per core "
+        "| time vs floor |"
     )
     print("|---|---:|---|---|---|---:|---:|---:|")
     for name, encoded, max_pixels in cases:
@@ -133,10 +138,9 @@ def main() -> None:
             ("fast", lambda e=encoded, m=max_pixels: to_model_inputs(e, m, fast=True), fast_size)
         )
 
-        floor = None
-        for label, run, decoded_size in pipelines:
-            seconds = best_seconds(run, args.repeats)
-            floor = floor or seconds
+        timings = best_seconds([run for _, run, _ in pipelines], args.repeats)
+        floor = timings[0]
+        for (label, _, decoded_size), seconds in zip(pipelines, timings, strict=True):
             print(
                 f"| {name} | {max_pixels} | {target_width}x{target_height} | {label} | "
                 f"{decoded_size[0]}x{decoded_size[1]} | {seconds * 1000:.1f} | {1 / seconds:.2f} | "

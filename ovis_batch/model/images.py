@@ -10,16 +10,17 @@ Two decoding modes:
 
 - `fast=True` (the default, for the batch job). Nightly annotation runs over camera photos far above
   `max_pixels`; for a JPEG at least four times the model's input size on each side, `Image.draft`
-  lets libjpeg downscale by 1/2, 1/4 or 1/8 inside the DCT, which skips most of the decoding work
-  (3-5x faster). The draft always keeps at least twice the size `smart_resize` picks on each side
-  (`DRAFT_MARGIN`), so the final bilinear resize still shrinks by 2x or more and the grid (the number of
-  visual tokens) is the one of exact mode. The pixels then differ from upstream's by 0.2-0.4 of 255
-  levels on average (99th percentile 1-2) on detailed photo content, less than a quality-90 JPEG's own
-  compression error after the same resize (0.4-0.6). A draft that keeps only 1x the target leaves the
-  final resize too little shrinking to smooth like upstream's and differs 2-4x more (0.8-1.6 levels on
-  average, 99th percentile up to 10), so it is not used. Images not large enough for a 2x-margin draft
-  decode exactly as in exact mode: at the default `max_pixels` (1792x1792) that is every photo under
-  about 50 megapixels; smaller `max_pixels` settings draft much sooner.
+  lets libjpeg downscale by 1/2, 1/4 or 1/8 inside the DCT, which skips much of the decoding work (a
+  12 MP photo drafted at 1/2 reaches model inputs about 2x faster, see `benchmarks/README.md`). The
+  draft always keeps at least twice the size `smart_resize` picks on each side (`DRAFT_MARGIN`), so the
+  final bilinear resize still shrinks by 2x or more and the grid (the number of visual tokens) is the
+  one of exact mode. The pixels then differ from upstream's by 0.2-0.4 of 255 levels on average (99th
+  percentile 1-2) on detailed photo content, less than a quality-90 JPEG's own compression error after
+  the same resize (0.4-0.6). A draft that keeps only 1x the target leaves the final resize too little
+  shrinking to smooth like upstream's and differs 2-4x more (0.8-1.6 levels on average, 99th
+  percentile up to 10), so it is not used. Images without room for a 2x-margin draft decode exactly as
+  in exact mode: at the default `max_pixels` (1792x1792) that is every photo under about 50
+  megapixels; smaller `max_pixels` settings draft much sooner.
 - `fast=False` (parity tests, benchmark scoring): a full decode followed, in `prepare_image`, by one
   bilinear resize, identical to upstream.
 

@@ -199,7 +199,7 @@ def patchify(pixels: np.ndarray) -> np.ndarray:
     grid_h, grid_w = height // PATCH_SIZE, width // PATCH_SIZE
     s, p = HIDDEN_STRIDE, PATCH_SIZE
     blocks = pixels.reshape(grid_h // s, s, p, grid_w // s, s, p, 3)
-    # axes: (block_row, sub_row, y, block_col, sub_col, x, c) -> (block_row, block_col, sub_row, sub_col, c, y, x)
+    # (block_row, sub_row, y, block_col, sub_col, x, c) -> (block_row, block_col, sub_row, sub_col, c, y, x)
     ordered = blocks.transpose(0, 3, 1, 4, 6, 2, 5)
     return np.ascontiguousarray(ordered).reshape(grid_h * grid_w, PATCH_DIM)
 
