@@ -1,0 +1,252 @@
+"""Training checkpoints as model sources: clean inference checkpoints, and the folder `load_model` reads.
+
+    ovis-batch checkpoint consolidate runs/ft/checkpoint-1200 models/ft-1200 --dtype bf16
+
+`consolidate_checkpoint` writes what a released model holds (sharded safetensors + index, config,
+tokenizer, chat template, preprocessor and generation files) and nothing a resumed training needs.
+`resolve_model_dir` is the hook of `load_model`: a folder whose top-level safetensors are complete
+is returned as it is; otherwise (weights only inside ZeRO files) the checkpoint is consolidated once
+into a cache folder, keyed by the ZeRO files' names, sizes and modification times, and that folder is
+returned, so that every later load (every actor of a batch job) reads plain safetensors.
+
+Precision: a checkpoint's own weights are written in the precision they are stored in; weights
+rebuilt from ZeRO-3 partitions are cast to the precision the model trained in (bf16/fp16 from the
+DeepSpeed config), which is exactly the 16-bit weights the model ran with. `from_optimizer=True`
+takes the fp32 master weights from the optimizer partitions instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ovis_batch.checkpoints.layout import (
+    WEIGHTS_SAFETENSORS,
+    WEIGHTS_ZERO_16BIT,
+    WEIGHTS_ZERO_PARTITIONS,
+    CheckpointLayout,
+    describe_checkpoint,
+)
+from ovis_batch.checkpoints.zero import zero_16bit_weights, zero_fp32_weights
+from ovis_batch.model.checkpoint import CheckpointError, iter_tensors
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+CACHE_ENV = "OVIS_BATCH_CACHE_DIR"
+_CACHE_FORMAT = 1  # bump when the cache folder's contents change meaning
+
+
+def checkpoint_weights(layout: CheckpointLayout, *, from_optimizer: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's whole weights (see the module docstring for where they come from)."""
+    zero = layout.zero
+    if from_optimizer:
+        if zero is None or not zero.optim_files:
+            raise CheckpointError(
+                f"{layout.path} holds no DeepSpeed ZeRO optimizer partitions, so there are no fp32 master "
+                "weights to take; drop --from-optimizer"
+            )
+        return zero_fp32_weights(zero)
+    if layout.weights_source == WEIGHTS_SAFETENSORS:
+        return dict(iter_tensors(layout.safetensors))
+    if layout.weights_source == WEIGHTS_ZERO_16BIT:
+        return zero_16bit_weights(zero)
+    if layout.weights_source == WEIGHTS_ZERO_PARTITIONS:
+        dtype = zero.training_dtype
+        cast: dict[int, torch.Tensor] = {}  # one cast per distinct tensor, so tied names stay one tensor
+        state = {}
+        for name, tensor in zero_fp32_weights(zero).items():
+            if id(tensor) not in cast:
+                cast[id(tensor)] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            state[name] = cast[id(tensor)]
+        return state
+    raise AssertionError(f"unknown weights source {layout.weights_source!r}")
+
+
+def consolidate_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    from_optimizer: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a clean inference checkpoint of `source` to `destination` (atomically) and return it.
+
+    `dtype` is "bf16", "fp16", "fp32" or None (keep the precision described in the module docstring).
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source, destination = Path(source), Path(destination)
+    if destination.exists() and not overwrite and (not destination.is_dir() or any(destination.iterdir())):
+        raise FileExistsError(
+            f"{destination} exists and is not empty; choose another folder or pass overwrite"
+        )
+    layout = describe_checkpoint(source, read_state=False)
+    state = checkpoint_weights(layout, from_optimizer=from_optimizer)
+    state = _drop_tied(state, layout.config)
+    _check_names(layout, set(state))
+    if dtype is not None:
+        state = {n: t.to(DTYPES[dtype]) if t.is_floating_point() else t for n, t in state.items()}
+    provenance = {
+        "consolidated_from": str(source.resolve()),
+        "weights_from": "zero-fp32-master" if from_optimizer else layout.weights_source,
+    }
+    if layout.zero is not None:
+        provenance["zero_tag"] = layout.zero.tag
+    _write_atomically(layout, state, destination, provenance, max_shard_bytes)
+    return destination
+
+
+def resolve_model_dir(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A folder `load_model` can read as a released checkpoint: `path` itself, or a consolidated cache copy.
+
+    Errors (missing shard, `latest` naming no folder, partitions of another world size, unknown model
+    type) are `CheckpointError`s naming the file.
+    """
+    path = Path(path)
+    layout = describe_checkpoint(path, read_state=False)
+    if layout.weights_source == WEIGHTS_SAFETENSORS:
+        return path
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / f"{path.resolve().parent.name}-{path.name}-{_cache_key(layout)[:16]}"
+    if target.is_dir():  # renamed into place only when complete
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root / f".{target.name}.lock"):
+        if not target.is_dir():  # another process may have finished it while we waited
+            consolidate_checkpoint(path, target)
+    return target
+
+
+def default_cache_dir() -> Path:
+    """`$OVIS_BATCH_CACHE_DIR`, else `$XDG_CACHE_HOME/ovis-batch/consolidated` (`~/.cache/...`)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "ovis-batch" / "consolidated"
+
+
+# ------------------------------------------------------------------------------------------- internals
+
+
+def _cache_key(layout: CheckpointLayout) -> str:
+    zero = layout.zero
+    files = [layout.path / "config.json", *zero.model_state_files]
+    if layout.weights_source == WEIGHTS_ZERO_PARTITIONS:
+        files += zero.optim_files
+    stamp = [_CACHE_FORMAT, str(layout.path.resolve()), layout.weights_source]
+    stamp += [(str(f.relative_to(layout.path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_file: Path) -> Iterator[None]:
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _drop_tied(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Released Ovis2.5 checkpoints with tied embeddings carry no `llm.lm_head.weight`: match them."""
+    llm = config.get("llm_config") or {}
+    if llm.get("tie_word_embeddings"):
+        return {n: t for n, t in state.items() if n != "llm.lm_head.weight"}
+    return state
+
+
+def _check_names(layout: CheckpointLayout, names: set[str]) -> None:
+    """Refuse to write a checkpoint that `load_model` would refuse (Ovis2.5: built on the meta device)."""
+    if layout.config.get("model_type") != "ovis2_5":
+        return
+    from ovis_batch.model.ovis2_5 import Ovis2_5Config, Ovis2_5ForConditionalGeneration
+
+    try:
+        config = Ovis2_5Config.from_pretrained(str(layout.path))
+    except Exception as exc:
+        raise CheckpointError(f"{layout.path / 'config.json'} is not a valid Ovis2.5 config ({exc})") from exc
+    with torch.device("meta"):
+        expected = set(Ovis2_5ForConditionalGeneration(config).state_dict())
+    if config.llm_config.tie_word_embeddings:
+        expected.discard("llm.lm_head.weight")
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the weights of {layout.path} do not match its config.json: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
+def _shard_groups(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _write_atomically(
+    layout: CheckpointLayout,
+    state: dict[str, torch.Tensor],
+    destination: Path,
+    provenance: dict,
+    max_shard_bytes: int,
+) -> None:
+    """Shards + index + inference files into a sibling temporary folder, then one rename."""
+    from safetensors.torch import save_file
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        groups = _shard_groups(state, max_shard_bytes)
+        weight_map: dict[str, str] = {}
+        for k, group in enumerate(groups, start=1):
+            filename = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+            # clone() gives every tensor its own storage (tied or memory-mapped slices cannot be saved).
+            save_file(
+                {n: state[n].detach().clone().contiguous() for n in group},
+                str(staging / filename),
+                metadata={"format": "pt"},
+            )
+            weight_map.update(dict.fromkeys(group, filename))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total, **provenance}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for f in layout.inference_files:
+            shutil.copy2(f, staging / f.name)
+        dtypes = {str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}
+        if len(dtypes) == 1:
+            _set_config_dtype(staging / "config.json", dtypes.pop())
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _set_config_dtype(config_file: Path, dtype: str) -> None:
+    config = json.loads(config_file.read_text())
+    for section in (config, config.get("llm_config"), config.get("vit_config")):
+        if isinstance(section, dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in section:
+                    section[key] = dtype
+    config_file.write_text(json.dumps(config, indent=2))

@@ -1,0 +1,325 @@
+"""What a checkpoint directory holds: a released model, a Hugging Face Trainer `checkpoint-N`, DeepSpeed ZeRO.
+
+`describe_checkpoint(path)` sorts the files of a directory into what inference can use (config,
+tokenizer, weights) and what only resuming training needs (optimizer, scheduler, RNG state, ZeRO
+optimizer partitions), decides where the weights come from, and reads `trainer_state.json`.
+
+Where the weights come from, in order of preference:
+1. top-level safetensors (released models, Trainer checkpoints, DeepSpeed runs that gathered 16-bit
+   weights on save), used as they are when they cover every parameter the ZeRO files list;
+2. ZeRO-1/2: the whole 16-bit module in `global_stepN/mp_rank_00_model_states.pt`;
+3. ZeRO-3 without gathered weights: the fp32 master partitions, consolidated (see `zero.py`).
+
+What does not live here: reading tensors out of ZeRO files (`zero.py`) and writing inference
+checkpoints (`consolidate.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ovis_batch.checkpoints.zero import (
+    ZeroCheckpoint,
+    find_zero_folder,
+    read_zero_checkpoint,
+    zero_parameter_shapes,
+)
+from ovis_batch.model.checkpoint import CheckpointError, check_safetensors, read_config, weight_files
+
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+# Files that only resuming training reads (never needed, never copied, for inference).
+RESUME_ONLY_PATTERNS = (
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "training_args.bin",
+    TRAINER_STATE,
+    "latest",
+    "zero_to_fp32.py",
+    "zero_to_torch.py",
+)
+# Files an inference checkpoint carries besides its weights.
+INFERENCE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "README.md",
+)
+
+WEIGHTS_SAFETENSORS = "safetensors"
+WEIGHTS_ZERO_16BIT = "zero-16bit"
+WEIGHTS_ZERO_PARTITIONS = "zero-partitions"
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What `trainer_state.json` says about the run at this checkpoint."""
+
+    path: Path
+    global_step: int
+    epoch: float | None
+    max_steps: int | None
+    last_loss: float | None  # the last logged training loss
+    last_loss_step: int | None
+    last_learning_rate: float | None
+    losses: tuple[tuple[int, float], ...] = ()  # (step, training loss) for every logged step
+
+    def summary(self) -> str:
+        parts = [f"global step {self.global_step}"]
+        if self.max_steps:
+            parts[0] += f" of {self.max_steps}"
+        if self.epoch is not None:
+            parts.append(f"epoch {self.epoch:g}")
+        if self.last_loss is not None:
+            parts.append(f"last loss {self.last_loss:.4g} (step {self.last_loss_step})")
+        if self.last_learning_rate is not None:
+            parts.append(f"learning rate {self.last_learning_rate:.3g}")
+        return ", ".join(parts)
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    """Parse a `trainer_state.json` (the file itself, or a checkpoint folder that holds one)."""
+    if path.is_dir():
+        path = path / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}); the checkpoint was not saved completely"
+        ) from exc
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CheckpointError(f"{path} has no integer `global_step`; it is not a Hugging Face Trainer state")
+    history = state.get("log_history") or []
+    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+        raise CheckpointError(f"{path}: `log_history` is not a list of records")
+    losses = tuple(
+        (int(e.get("step", 0)), float(e["loss"]))
+        for e in history
+        if isinstance(e.get("loss"), int | float) and math.isfinite(e["loss"])
+    )
+    rates = [e["learning_rate"] for e in history if isinstance(e.get("learning_rate"), int | float)]
+    epoch = state.get("epoch")
+    return TrainerState(
+        path=path,
+        global_step=state["global_step"],
+        epoch=float(epoch) if isinstance(epoch, int | float) else None,
+        max_steps=state.get("max_steps") if isinstance(state.get("max_steps"), int) else None,
+        last_loss=losses[-1][1] if losses else None,
+        last_loss_step=losses[-1][0] if losses else None,
+        last_learning_rate=float(rates[-1]) if rates else None,
+        losses=losses,
+    )
+
+
+@dataclass
+class CheckpointLayout:
+    """The parts of a checkpoint directory, and where its inference weights come from."""
+
+    path: Path
+    config: dict
+    safetensors: list[Path]  # top-level weight files (checked: index complete, not truncated)
+    zero: ZeroCheckpoint | None = None
+    trainer_state: TrainerState | None = None
+    weights_source: str = WEIGHTS_SAFETENSORS
+    parameter_count: int | None = None
+    inference_files: list[Path] = field(default_factory=list)
+    resume_only_files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_trainer(self) -> bool:
+        return (self.path / TRAINER_STATE).is_file() or (self.path / "training_args.bin").is_file()
+
+    @property
+    def kind(self) -> str:
+        if self.zero is not None:
+            prefix = "Trainer checkpoint, " if self.is_trainer else ""
+            return f"{prefix}DeepSpeed ZeRO-{self.zero.stage}"
+        return "Trainer checkpoint" if self.is_trainer else "released model"
+
+
+def describe_checkpoint(path: Path, *, read_state: bool = True) -> CheckpointLayout:
+    """Sort a checkpoint directory's parts and decide where its weights come from (errors name the file).
+
+    `read_state=False` skips `trainer_state.json`, which inference does not need (a damaged one then
+    does not stop a load).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder; pass a checkpoint folder")
+    if not (path / "config.json").is_file():
+        runs = training_run_checkpoints(path)
+        if runs:
+            raise CheckpointError(
+                f"{path} is a training run, not a checkpoint: pass one of its checkpoints "
+                f"({', '.join(p.name for _, p in runs)})"
+            )
+    config = read_config(path)
+    zero_folder = find_zero_folder(path)
+    zero = read_zero_checkpoint(zero_folder) if zero_folder else None
+    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    safetensors = weight_files(path) if has_safetensors or zero is None else []
+    layout = CheckpointLayout(path=path, config=config, safetensors=safetensors, zero=zero)
+    top_names = _safetensors_shapes(safetensors)
+    if _ties_embeddings(config):
+        top_names.pop("llm.lm_head.weight", None)
+    if zero is not None:
+        zero_shapes = zero_parameter_shapes(zero)
+        layout.parameter_count = sum(math.prod(s) for s in zero_shapes.values())
+        missing = sorted(set(zero_shapes) - set(top_names))
+        if top_names and not missing:
+            layout.weights_source = WEIGHTS_SAFETENSORS
+        else:
+            if top_names:
+                layout.notes.append(
+                    f"the top-level safetensors lack {len(missing)} of the {len(zero_shapes)} parameters the "
+                    f"ZeRO files list (e.g. {missing[0]}); the ZeRO files are used instead"
+                )
+            layout.weights_source = (
+                WEIGHTS_ZERO_16BIT if zero.has_whole_16bit_weights else WEIGHTS_ZERO_PARTITIONS
+            )
+    else:
+        layout.parameter_count = sum(math.prod(s) for s in top_names.values())
+    if read_state and (path / TRAINER_STATE).is_file():
+        layout.trainer_state = read_trainer_state(path / TRAINER_STATE)
+    layout.inference_files = sorted(p for pattern in INFERENCE_PATTERNS for p in path.glob(pattern))
+    resume = {p for pattern in RESUME_ONLY_PATTERNS for p in path.glob(pattern)}
+    if zero is not None and layout.weights_source == WEIGHTS_SAFETENSORS:
+        resume.update([*zero.model_state_files, *zero.optim_files])
+    elif zero is not None and layout.weights_source == WEIGHTS_ZERO_16BIT:
+        resume.update(zero.optim_files)
+    layout.resume_only_files = sorted(resume)
+    absent = [n for n in ("preprocessor_config.json", "generation_config.json") if not (path / n).is_file()]
+    if absent:
+        layout.notes.append(f"no {' or '.join(absent)}: ovis-batch uses its own defaults for them")
+    return layout
+
+
+def _ties_embeddings(config: dict) -> bool:
+    llm = config.get("llm_config") or config.get("text_config") or {}
+    return bool(llm.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+
+
+def _safetensors_shapes(files: list[Path]) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        header = check_safetensors(f)
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def training_run_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """The `checkpoint-N` folders of a Trainer output directory, as (N, folder) sorted by N."""
+    found = []
+    for p in Path(run).iterdir() if Path(run).is_dir() else []:
+        match = CHECKPOINT_FOLDER.match(p.name)
+        if match and p.is_dir():
+            found.append((int(match.group(1)), p))
+    return sorted(found)
+
+
+def _size(path: Path) -> int:
+    return (
+        path.stat().st_size
+        if path.is_file()
+        else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    )
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError
+
+
+_WEIGHTS_HOW = {
+    WEIGHTS_SAFETENSORS: "top-level safetensors, used as they are",
+    WEIGHTS_ZERO_16BIT: "whole 16-bit module in the ZeRO model states, converted once on load (cached)",
+    WEIGHTS_ZERO_PARTITIONS: "only ZeRO partitions hold them: consolidated once on load (cached)",
+}
+
+
+def layout_summary(layout: CheckpointLayout) -> dict:
+    """What `checkpoint inspect` reports, as plain JSON-able values."""
+    state = layout.trainer_state
+    zero = layout.zero
+    return {
+        "path": str(layout.path),
+        "kind": layout.kind,
+        "model_type": layout.config.get("model_type"),
+        "global_step": state.global_step if state else None,
+        "epoch": state.epoch if state else None,
+        "last_loss": state.last_loss if state else None,
+        "last_learning_rate": state.last_learning_rate if state else None,
+        "weights_source": layout.weights_source,
+        "weight_files": [{"file": p.name, "bytes": _size(p)} for p in layout.safetensors],
+        "weights_complete": True,  # describe_checkpoint raises when they are not
+        "parameter_count": layout.parameter_count,
+        "zero": None
+        if zero is None
+        else {
+            "stage": zero.stage,
+            "world_size": zero.world_size,
+            "tag": zero.tag,
+            "training_dtype": str(zero.training_dtype).removeprefix("torch."),
+            "deepspeed_version": zero.ds_version,
+        },
+        "inference_files": [p.name for p in layout.inference_files],
+        "resume_only_files": [str(p.relative_to(layout.path)) for p in layout.resume_only_files],
+        "notes": layout.notes,
+    }
+
+
+def format_layout(layout: CheckpointLayout) -> str:
+    """The human-readable report of `checkpoint inspect`."""
+    s = layout_summary(layout)
+    rows = [("kind", s["kind"]), ("model", f"{s['model_type']} (config.json)")]
+    if layout.zero is not None:
+        z = s["zero"]
+        rows.append(
+            (
+                "deepspeed",
+                f"ZeRO-{z['stage']}, world size {z['world_size']}, folder {z['tag']}/, "
+                f"trained in {z['training_dtype']}, DeepSpeed {z['deepspeed_version'] or '?'}",
+            )
+        )
+    rows.append(
+        ("training", layout.trainer_state.summary() if layout.trainer_state else "no trainer_state.json")
+    )
+    files = ", ".join(f"{w['file']} ({_human(w['bytes'])})" for w in s["weight_files"]) or "none at top level"
+    rows.append(("weight files", f"{files}; complete" if s["weight_files"] else files))
+    rows.append(("weights", _WEIGHTS_HOW[layout.weights_source]))
+    if layout.weights_source == WEIGHTS_ZERO_PARTITIONS:
+        rows.append(
+            ("", f"from {layout.zero.tag}/*_optim_states.pt (fp32 masters; their Adam moments only resume)")
+        )
+    if layout.parameter_count is not None:
+        rows.append(("parameters", f"{layout.parameter_count:,}"))
+    rows.append(("inference", ", ".join(s["inference_files"]) + " + the weights above"))
+    resume = [f"{name} ({_human(_size(layout.path / name))})" for name in s["resume_only_files"]]
+    rows.append(("resume only", ", ".join(resume) or "-"))
+    if any(p.name.startswith("zero_to_") for p in layout.resume_only_files):
+        rows.append(("", "(the zero_to_*.py scripts are never executed by ovis-batch)"))
+    rows += [("note", note) for note in layout.notes]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([str(layout.path), *(f"  {k:<{width}}  {v}" for k, v in rows)])
