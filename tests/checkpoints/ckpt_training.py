@@ -8,6 +8,9 @@ prompt builder; labels are -100 on every prompt position, so the loss is the cap
 the weights the model holds at that moment (gathered from the ZeRO-3 partitions when sharded) are written
 to `REFS_DIR/step-N.safetensors`: the oracle that loading the checkpoint must reproduce.
 
+`--world-size 2 --deepspeed-stage N` instead runs a bare DeepSpeed engine on two local processes (gloo) and
+writes one ZeRO checkpoint (`RUN_DIR/global_step2/`) with partitions from two ranks.
+
 DeepSpeed runs go through this script in a child process: DeepSpeed and accelerate keep process-wide
 state (the process group, the accelerator singleton) that must not leak into the test process.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -87,8 +91,6 @@ def _reference_callback(refs: Path, zero3: bool):
 
                 gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
             else:
-                from contextlib import nullcontext
-
                 gather = nullcontext()
             with gather:
                 weights = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
@@ -174,6 +176,68 @@ def train(
     trainer.train()
 
 
+def _data_parallel_worker(
+    rank: int, world_size: int, base: Path, out: Path, refs: Path, stage: int, port: int
+):
+    import importlib
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    import deepspeed
+    from safetensors.torch import save_file
+
+    import ovis_batch
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed("gloo")
+    model = ovis_batch.load_model(base, device="cpu")
+    module = model.module.train()
+    for name, param in module.named_parameters():
+        param.requires_grad_(not name.startswith("visual_tokenizer.vit."))
+    config = deepspeed_config(stage) | {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+    config["optimizer"]["params"]["lr"] = 1e-3
+    del config["train_batch_size"]
+    engine, *_ = deepspeed.initialize(
+        model=module, config=config, model_parameters=[p for p in module.parameters() if p.requires_grad]
+    )
+    collate = CaptionCollator(model.special.pad)
+    examples = caption_examples(model)
+    for step in range(2):  # each rank its own example
+        batch = collate([examples[(2 * step + rank) % len(examples)]])
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+        engine.backward(engine(**batch).loss)
+        engine.step()
+    engine.save_checkpoint(str(out), tag="global_step2")
+    gather = deepspeed.zero.GatheredParameters(list(module.parameters())) if stage == 3 else nullcontext()
+    with gather:
+        weights = {n: p.detach().clone().contiguous() for n, p in module.named_parameters()}
+    if rank == 0:
+        refs.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(refs / "step-2.safetensors"))
+
+
+def train_data_parallel(
+    base: Path, out: Path, refs: Path, *, stage: int, world_size: int = 2, port: int
+) -> None:
+    """A bare DeepSpeed engine on `world_size` local processes (gloo), 2 steps, one ZeRO checkpoint.
+
+    The checkpoint gets the base model's config and tokenizer files, as a training script would copy.
+    """
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_data_parallel_worker, args=(world_size, base, out, refs, stage, port), nprocs=world_size)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.json"):
+        shutil.copy(base / name, out / name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, required=True)
@@ -184,8 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deepspeed-stage", type=int, choices=(1, 2, 3))
     parser.add_argument("--freeze-vision", action="store_true")
     parser.add_argument("--port", type=int, default=29611)
+    parser.add_argument(
+        "--world-size", type=int, default=1, help="> 1: a bare DeepSpeed engine on local processes"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if args.world_size > 1:
+        train_data_parallel(
+            args.base,
+            args.out,
+            args.refs,
+            stage=args.deepspeed_stage,
+            world_size=args.world_size,
+            port=args.port,
+        )
+        return 0
     train(
         args.base,
         args.out,

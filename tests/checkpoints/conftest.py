@@ -11,6 +11,12 @@ import pytest
 from ckpt_helpers import TrainingRun, needs_deepspeed, needs_trainer, train_in_child
 
 
+@pytest.fixture(autouse=True)
+def _consolidation_cache(tmp_path_factory, monkeypatch):
+    """Folders consolidated on load go to a temporary cache, never to the home directory."""
+    monkeypatch.setenv("OVIS_BATCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "consolidated"))
+
+
 @pytest.fixture(scope="session")
 def trainer_run(tiny_checkpoint, tmp_path_factory) -> TrainingRun:
     """Plain Trainer, fp32, 3 steps, `checkpoint-1..3` (each with optimizer, scheduler, RNG state)."""
