@@ -221,9 +221,96 @@ def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(handler=_checkpoint_errors(_checkpoint_inspect))
 
 
+def _caption(args: argparse.Namespace) -> int:
+    from workflows.caption import run_caption
+
+    summary = run_caption(
+        args.manifest,
+        args.output,
+        args.model,
+        config=args.config,
+        overrides=args.overrides,
+        address=args.address,
+        limit=args.limit,
+        overwrite=args.overwrite,
+    )
+    return 0 if summary["complete"] else 1
+
+
+def _add_caption(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "caption",
+        help="caption a Parquet manifest of images on Ray (captions, reasoning, embeddings -> Parquet)",
+        description="Run or resume the caption job. Settings: --config YAML plus key=value overrides.",
+    )
+    p.add_argument("--manifest", required=True, help="Parquet file, folder or glob (local, s3://, gs://, ...)")
+    p.add_argument("--output", required=True, help="output folder (local or URI)")
+    p.add_argument("--model", required=True, help="checkpoint folder, training checkpoint or hub id")
+    p.add_argument("--config", help="YAML settings (see configs/caption.yaml)")
+    p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: a local Ray")
+    p.add_argument("--limit", type=int, help="process only the first N manifest rows")
+    p.add_argument("--overwrite", action="store_true", help="start afresh: delete this job's earlier output")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the config file")
+    p.set_defaults(handler=_caption)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ovis_batch.eval.data import EvalInputError
+    from ovis_batch.eval.options import EvaluateOptions
+    from workflows.evaluate import evaluate
+
+    try:
+        options = EvaluateOptions(
+            predictions=args.predictions,
+            references=args.references,
+            report_dir=args.report,
+            task=args.task,
+            compare=args.compare,
+            allow_partial=args.allow_partial,
+            id_column=args.id_column,
+            tokenizer=args.tokenizer,
+            meteor=not args.no_meteor,
+            block_mib=args.block_mib,
+        )
+        document = evaluate(options)
+    except EvalInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, entry in document["metrics"].items():
+        value = "skipped" if entry["value"] is None else f"{entry['value']:.4f}"
+        print(f"{name:>24}  {value}")
+    print(f"report: {args.report}/report.md")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score the batch job's output against references and write a report folder",
+        description="Caption metrics (COCO), VQA and multiple-choice accuracy, retrieval recall, run health.",
+    )
+    p.add_argument("--predictions", required=True, help="the batch job's output folder (or one Parquet file)")
+    p.add_argument(
+        "--references", required=True, help="Parquet keyed by the id column; for retrieval, the text embeddings"
+    )
+    p.add_argument("--report", required=True, help="report folder to write (metrics.json, report.md, plots/)")
+    p.add_argument("--task", choices=["captions", "vqa", "mcq", "retrieval", "auto"], default="auto")
+    p.add_argument("--compare", metavar="PREVIOUS_REPORT", help="previous report folder: show deltas against it")
+    p.add_argument("--allow-partial", action="store_true", help="score only the ids both sides share")
+    p.add_argument("--id-column", default="image_id", help="id column on both sides (default image_id)")
+    p.add_argument(
+        "--tokenizer", choices=["python", "java"], default="python", help="PTB tokenizer for captions"
+    )
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java and takes a while)")
+    p.add_argument("--block-mib", type=int, default=256, help="retrieval: similarity slab size in MiB")
+    p.set_defaults(handler=_evaluate)
+
+
 # Each entry adds one subcommand. Keep the list sorted by command name.
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_caption,
     _add_checkpoint,
+    _add_evaluate,
     _add_index,
     _add_make_tiny_model,
 ]

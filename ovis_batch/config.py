@@ -1,0 +1,190 @@
+"""Typed, validated job configurations, read once from YAML plus `key=value` overrides.
+
+Every field has a type, bounds and a description; unknown keys and impossible values fail before any
+work starts, with a message that names the key. Classes downstream take plain values from these objects,
+never the whole config. The YAML files in `configs/` are data: `tests/test_configs.py` loads each one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ovis_batch.model.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+DEFAULT_PIXEL_CEILING = 200_000_000
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class CaptionConfig(_Strict):
+    """Settings of the caption job (`ovis-batch caption`). See configs/caption.yaml for a documented copy."""
+
+    # ---- manifest columns
+    id_column: str = Field("image_id", min_length=1, description="Unique id of each manifest row.")
+    image_column: str = Field(
+        "image",
+        min_length=1,
+        description="Path or URI of the image (relative to the manifest's folder), or its bytes.",
+    )
+    prompt: str = Field(
+        "Describe this image in one or two sentences.",
+        min_length=1,
+        description="The instruction given with every image (unless prompt_column is set).",
+    )
+    prompt_column: str | None = Field(
+        None, description="Per-row prompt column; rows with an empty value use `prompt`."
+    )
+    passthrough_columns: list[str] = Field(
+        default_factory=list, description="Manifest columns copied unchanged into the output."
+    )
+
+    # ---- generation
+    max_new_tokens: int = Field(
+        256, ge=1, le=65536, description="Most tokens generated per row, thinking included."
+    )
+    thinking: bool = Field(False, description="Let the model think before answering (reasoning column).")
+    thinking_budget: int | None = Field(
+        None, ge=1, description="Most thinking tokens before the answer is forced (needs thinking: true)."
+    )
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding (greedy is reproducible).")
+    temperature: float = Field(0.6, gt=0, le=10)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, description="Seed for sampling (per batch).")
+
+    # ---- embeddings
+    embedding: Literal["last_token", "vte_mean"] | None = Field(
+        None, description="Also write a retrieval embedding per row with this strategy (null: no embedding)."
+    )
+
+    # ---- preprocessing
+    min_pixels: int = Field(
+        DEFAULT_MIN_PIXELS, ge=32 * 32, description="Images below are upscaled to about this area."
+    )
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=32 * 32, description="Images above are downscaled to at most this."
+    )
+    pixel_ceiling: int = Field(
+        DEFAULT_PIXEL_CEILING, ge=1, description="Decompression-bomb guard: larger images become error rows."
+    )
+    decode: Literal["fast", "exact"] = Field(
+        "fast",
+        description="fast: JPEG draft decoding for photos far above max_pixels; exact: full decode, same pixels as upstream.",
+    )
+
+    # ---- execution
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the actor has a GPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU."
+    )
+    replicas: int = Field(1, ge=1, description="Model replicas (Ray actors), each with one resident model.")
+    gpus_per_replica: float = Field(0, ge=0, description="GPUs per replica; 0 on CPU-only machines.")
+    cpus_per_replica: float = Field(1, gt=0, description="CPUs reserved by each model replica.")
+    decode_workers: int = Field(2, ge=1, description="Parallel CPU tasks for fetching and decoding images.")
+    decode_batch_rows: int = Field(8, ge=1, description="Rows per decoding task.")
+    batch_rows: int = Field(
+        32, ge=1, description="Rows handed to a replica at a time (then split by token budget)."
+    )
+    batch_visual_tokens: int = Field(
+        16384, ge=1, description="Visual-token budget of one model batch; a single larger image runs alone."
+    )
+    rows_per_shard: int = Field(256, ge=1, description="Rows per output Parquet shard.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CaptionConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        if self.thinking_budget is not None and not self.thinking:
+            raise ValueError(
+                "thinking_budget is set but thinking is false; set thinking: true or drop the budget"
+            )
+        if self.thinking_budget is not None and self.max_new_tokens <= self.thinking_budget + 25:
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) leaves no room for an answer after thinking_budget "
+                f"({self.thinking_budget}) and the ~25-token forced ending; raise max_new_tokens"
+            )
+        reserved = {"status", "error_type", "error_message", "caption", "reasoning", "embedding"}
+        clash = reserved & set(self.passthrough_columns)
+        if clash:
+            raise ValueError(
+                f"passthrough_columns {sorted(clash)} clash with output columns of the same name"
+            )
+        if self.id_column in self.passthrough_columns:
+            raise ValueError(f"passthrough_columns must not repeat the id column {self.id_column!r}")
+        return self
+
+    def generation_settings(self) -> dict[str, Any]:
+        """What decides the model's outputs (recorded in output metadata and compared on resume)."""
+        return self.model_dump(
+            include={
+                "prompt",
+                "prompt_column",
+                "max_new_tokens",
+                "thinking",
+                "thinking_budget",
+                "do_sample",
+                "temperature",
+                "top_p",
+                "top_k",
+                "repetition_penalty",
+                "seed",
+                "embedding",
+                "min_pixels",
+                "max_pixels",
+                "decode",
+                "dtype",
+            }
+        )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value parsed as YAML (so `thinking=true`, `top_k=5`, `embedding=null` work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, value = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.strip(), yaml.safe_load(value)
+
+
+def load_config(cls: type[_Strict], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Any:
+    """Read a YAML file (if given), apply overrides, validate into `cls`; errors name the file and key."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}"
+            )
+        data.update(loaded or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        data[key] = value
+        source += f" + {key}=..."
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings in {source}: {problems}") from None

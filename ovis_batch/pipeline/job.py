@@ -1,0 +1,379 @@
+"""Planning, running and summarising the caption job on Ray Data.
+
+`plan_caption_job` does every check that can fail before any work starts (manifest files and columns,
+unique ids, the model checkpoint, a writable output folder, an existing output made by another model or
+other settings); `run_caption_job` builds the Ray Data graph (read -> decode on CPU tasks -> one model
+per actor -> atomic shards) and streams the per-shard statistics; `finish_caption_job` checks that every
+manifest id is committed exactly once, repairs duplicates a retry may have left, and writes `_run.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+import ovis_batch
+from ovis_batch.config import CaptionConfig
+from ovis_batch.pipeline.manifest import Manifest, ManifestError, open_manifest, scan_ids
+from ovis_batch.pipeline.output import (
+    JOB_FILE,
+    RUN_FILE,
+    IdSet,
+    OutputError,
+    OutputFolder,
+    committed_ids,
+    id_hashes,
+    iter_committed,
+    output_schema,
+    repair_duplicates,
+)
+
+
+@dataclass
+class CaptionPlan:
+    manifest: Manifest
+    output: OutputFolder
+    config: CaptionConfig
+    model_source: str
+    model: dict[str, Any]  # identity of the weights (name, revision, weights_sha256, model_type, hidden size)
+    schema: pa.Schema
+    passthrough: list[pa.Field]
+    metadata: dict[str, Any]
+    keep: IdSet | None  # `--limit`: the ids to process
+    total_rows: int  # rows this job covers (manifest, or the limit)
+    skip: IdSet = field(default_factory=lambda: IdSet(id_hashes([])))  # already committed
+    remaining: int = 0  # rows of this job not yet committed
+
+
+def model_identity(source: str) -> dict[str, Any]:
+    """The model's identity from its files alone (no weights loaded): what resume and metadata compare."""
+    from ovis_batch.model.checkpoint import (
+        chat_template,
+        read_config,
+        resolve_source,
+        weight_files,
+        weights_fingerprint,
+    )
+
+    folder = resolve_source(source)
+    config = read_config(folder)
+    files = weight_files(folder)
+    if config["model_type"] == "ovis2_5":
+        chat_template(folder)
+        hidden = config["llm_config"]["hidden_size"]
+    else:
+        hidden = config.get("text_config", {}).get("hidden_size") or config["hidden_size"]
+    return {
+        "name": str(source),
+        "revision": None,
+        "weights_sha256": weights_fingerprint(files),
+        "model_type": config["model_type"],
+        "hidden_size": hidden,
+        "random_weights": "RANDOM" in str(config.get("_comment", "")),
+    }
+
+
+def plan_caption_job(
+    manifest_uri: str,
+    output_uri: str,
+    model_source: str,
+    config: CaptionConfig,
+    *,
+    limit: int | None = None,
+    overwrite: bool = False,
+) -> CaptionPlan:
+    """Everything that can be checked before work starts; raises ManifestError / OutputError / CheckpointError."""
+    required = [config.id_column, config.image_column, *config.passthrough_columns]
+    if config.prompt_column:
+        required.append(config.prompt_column)
+    manifest = open_manifest(manifest_uri, required)
+    if limit is not None and limit < 1:
+        raise ManifestError(f"--limit must be >= 1, got {limit}")
+    keep, scanned = scan_ids(manifest, config.id_column, limit)
+    model = model_identity(model_source)
+    output = OutputFolder.open(output_uri)
+    output.prepare()
+    if overwrite:
+        output.clear()
+    passthrough = [manifest.schema.field(c) for c in config.passthrough_columns]
+    id_field = manifest.schema.field(config.id_column)
+    embedding_dim = model["hidden_size"] if config.embedding else None
+    schema = output_schema(config.id_column, id_field.type, embedding_dim, passthrough)
+    metadata = {
+        "format_version": 1,
+        "package_version": ovis_batch.__version__,
+        "model": {
+            k: model[k] for k in ("name", "revision", "weights_sha256", "model_type", "random_weights")
+        },
+        "generation": config.generation_settings(),
+        "prompt": config.prompt,
+        "embedding": {"strategy": config.embedding, "dim": embedding_dim},
+        "id_column": config.id_column,
+    }
+    job = {"model": metadata["model"], "generation": metadata["generation"], "id_column": config.id_column}
+    previous = output.read_json(JOB_FILE)
+    if previous is not None and not overwrite:
+        _check_same_job(output, previous, job)
+    output.write_json(
+        JOB_FILE, job | {"manifest": str(manifest_uri), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    )
+    done = committed_ids(output, config.id_column)
+    skip = IdSet(done)
+    done_in_job = int(keep.contains(done).sum()) if keep is not None else len(skip)
+    return CaptionPlan(
+        manifest=manifest,
+        output=output,
+        config=config,
+        model_source=str(model_source),
+        model=model,
+        schema=schema,
+        passthrough=passthrough,
+        metadata=metadata,
+        keep=keep,
+        total_rows=scanned,
+        skip=skip,
+        remaining=max(0, scanned - done_in_job),
+    )
+
+
+def _check_same_job(output: OutputFolder, previous: dict, job: dict) -> None:
+    differences = []
+    if previous.get("model", {}).get("weights_sha256") != job["model"]["weights_sha256"]:
+        differences.append(
+            f"model weights {previous.get('model', {}).get('name')!r} -> {job['model']['name']!r} (weights differ)"
+        )
+    old, new = previous.get("generation", {}), job["generation"]
+    differences += [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    if previous.get("id_column") != job["id_column"]:
+        differences.append(f"id_column: {previous.get('id_column')!r} -> {job['id_column']!r}")
+    if differences:
+        raise OutputError(
+            f"output folder {output.uri} was written by another model or other settings ({'; '.join(differences)}); "
+            "one dataset must not mix them. Use another output folder, or --overwrite to start afresh"
+        )
+
+
+WRITER_CPUS = 0.5
+READ_TASK_CPUS = 2  # room for Ray Data's file listing and read tasks beside the actor pools
+
+
+def reserved_cpus(config: CaptionConfig) -> float:
+    """Logical CPUs the job's actor pools hold, plus room for reading: a local Ray needs at least this."""
+    return config.decode_workers + config.replicas * config.cpus_per_replica + WRITER_CPUS + READ_TASK_CPUS
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, *, num_cpus: float | None = None) -> Iterator[None]:
+    """Connect to a cluster (`address`) or start a local Ray; shut down only what we started."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # Locally, logical CPUs may exceed the cores: decode workers and the model replica share them.
+        local_cpus = max(os.cpu_count() or 1, int(num_cpus or 0) + 1) if address is None else None
+        ray.init(address=address, num_cpus=local_cpus, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
+    """Execute the graph; returns the aggregated statistics of the shards committed by this run."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from ovis_batch.pipeline.stages import CaptionPredictor, DecodeStage, ShardWriter
+
+    cfg = plan.config
+    columns = list(
+        dict.fromkeys(
+            [
+                cfg.id_column,
+                cfg.image_column,
+                *cfg.passthrough_columns,
+                *([cfg.prompt_column] if cfg.prompt_column else []),
+            ]
+        )
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    scheme = plan.manifest.uri.split("://", 1)[0] if "://" in plan.manifest.uri else ""
+    ds = ray.data.read_parquet(
+        plan.manifest.files, filesystem=plan.manifest.fs, columns=columns, include_paths=True
+    )
+    keep = ray.put(plan.keep) if plan.keep is not None else None
+    skip = ray.put(plan.skip) if len(plan.skip) else None
+    ds = ds.map_batches(
+        DecodeStage,
+        fn_constructor_kwargs={
+            "id_column": cfg.id_column,
+            "image_column": cfg.image_column,
+            "prompt": cfg.prompt,
+            "prompt_column": cfg.prompt_column,
+            "passthrough": plan.passthrough,
+            "manifest_scheme": scheme,
+            "input_kind": "patches" if plan.model["model_type"] == "ovis2_5" else "rgb",
+            "min_pixels": cfg.min_pixels,
+            "max_pixels": cfg.max_pixels,
+            "pixel_ceiling": cfg.pixel_ceiling,
+            "fast": cfg.decode == "fast",
+            "keep": keep,
+            "skip": skip,
+        },
+        batch_format="pyarrow",
+        batch_size=cfg.decode_batch_rows,
+        compute=ActorPoolStrategy(size=cfg.decode_workers),
+        num_cpus=1,
+    )
+    generation = {
+        k: getattr(cfg, k)
+        for k in (
+            "max_new_tokens",
+            "thinking",
+            "thinking_budget",
+            "do_sample",
+            "temperature",
+            "top_p",
+            "top_k",
+            "repetition_penalty",
+            "seed",
+        )
+    }
+    embedding_dim = plan.metadata["embedding"]["dim"]
+    ds = ds.map_batches(
+        CaptionPredictor,
+        fn_constructor_kwargs={
+            "model_source": plan.model_source,
+            "id_column": cfg.id_column,
+            "passthrough": plan.passthrough,
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+            "generation": generation,
+            "embedding": cfg.embedding,
+            "embedding_dim": embedding_dim,
+            "batch_visual_tokens": cfg.batch_visual_tokens,
+            "batch_rows": cfg.batch_rows,
+        },
+        batch_format="pyarrow",
+        batch_size=cfg.batch_rows,
+        compute=ActorPoolStrategy(size=cfg.replicas),
+        num_gpus=cfg.gpus_per_replica,
+        num_cpus=cfg.cpus_per_replica,
+    )
+    ds = ds.map_batches(
+        ShardWriter,
+        fn_constructor_kwargs={
+            "output_uri": plan.output.uri,
+            "id_column": cfg.id_column,
+            "schema": plan.schema,
+            "metadata": plan.metadata,
+        },
+        batch_format="pyarrow",
+        batch_size=cfg.rows_per_shard,
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=WRITER_CPUS,
+    )
+    totals: dict[str, Any] = {
+        "rows": 0,
+        "ok": 0,
+        "errors": Counter(),
+        "output_tokens": 0,
+        "decode_s": 0.0,
+        "infer_s": 0.0,
+        "shards": 0,
+    }
+    started = time.perf_counter()
+    for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in stats.to_pylist():
+            totals["rows"] += row["rows"]
+            totals["ok"] += row["ok"]
+            totals["errors"].update(json.loads(row["errors"]))
+            totals["output_tokens"] += row["output_tokens"]
+            totals["decode_s"] += row["decode_s"]
+            totals["infer_s"] += row["infer_s"]
+            totals["shards"] += 1
+    totals["wall_s"] = time.perf_counter() - started
+    return totals
+
+
+def finish_caption_job(plan: CaptionPlan, totals: dict[str, Any], started_at: float) -> dict[str, Any]:
+    """Verify exactly-once over the whole output, write `_run.json`, return the summary."""
+    id_column = plan.config.id_column
+    repaired = repair_duplicates(plan.output, id_column)
+    committed = IdSet(committed_ids(plan.output, id_column))
+    by_status: Counter = Counter()
+    errors: Counter = Counter()
+    for _, table in iter_committed(plan.output, ["status", "error_type"]):
+        for status, error_type in zip(
+            table.column("status").to_pylist(), table.column("error_type").to_pylist(), strict=True
+        ):
+            by_status[status] += 1
+            if status != "ok":
+                errors[error_type] += 1
+    wall = totals.get("wall_s", 0.0)
+    summary = {
+        "manifest": plan.manifest.uri,
+        "output": plan.output.uri,
+        "model": plan.metadata["model"],
+        "settings": plan.config.model_dump(),
+        "rows_in_job": plan.total_rows,
+        "rows_committed": len(committed),
+        "complete": len(committed) >= plan.total_rows,
+        "skipped_already_done": plan.total_rows - plan.remaining,
+        "this_run": {
+            "rows": totals["rows"],
+            "ok": totals["ok"],
+            "errors_by_type": dict(totals["errors"]),
+            "shards": totals["shards"],
+            "wall_s": round(wall, 3),
+            "images_per_s": round(totals["rows"] / wall, 3) if wall else None,
+            "output_tokens": totals["output_tokens"],
+            "output_tokens_per_s": round(totals["output_tokens"] / wall, 3) if wall else None,
+            "stage_busy_s": {
+                "decode": round(totals["decode_s"], 3),
+                "inference": round(totals["infer_s"], 3),
+            },
+        },
+        "all_runs": {
+            "ok": by_status.get("ok", 0),
+            "error": by_status.get("error", 0),
+            "errors_by_type": dict(errors),
+        },
+        "duplicates_repaired": repaired,
+        "total_wall_s": round(time.perf_counter() - started_at, 3),
+    }
+    plan.output.write_json(RUN_FILE, summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    run = summary["this_run"]
+    lines = [
+        f"output: {summary['output']}  ({summary['rows_committed']}/{summary['rows_in_job']} rows committed"
+        f"{', complete' if summary['complete'] else ', INCOMPLETE: rerun the same command to resume'})",
+        f"this run: {run['rows']} rows ({run['ok']} ok, {run['rows'] - run['ok']} error) in {run['wall_s']} s; "
+        f"{run['images_per_s']} images/s, {run['output_tokens_per_s']} output tokens/s; "
+        f"skipped {summary['skipped_already_done']} already committed",
+        f"stage busy time: decode {run['stage_busy_s']['decode']} s, inference {run['stage_busy_s']['inference']} s",
+    ]
+    if summary["all_runs"]["errors_by_type"]:
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(summary["all_runs"]["errors_by_type"].items()))
+        lines.append(f"error rows by type: {errors}")
+    if summary["model"].get("random_weights"):
+        lines.append("NOTE: the model has RANDOM WEIGHTS (a test model): its captions are meaningless")
+    lines.append(f"summary: {summary['output'].rstrip('/')}/{RUN_FILE}")
+    return "\n".join(lines)

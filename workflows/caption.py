@@ -1,0 +1,65 @@
+"""The caption job: a Parquet manifest of images in, captions, reasoning traces and embeddings out.
+
+    ovis-batch caption --manifest images.parquet --output out/ --model AIDC-AI/Ovis2.5-2B \
+        --config configs/caption.yaml [--address auto] [--limit 1000] [thinking=true embedding=last_token]
+
+The story, each step delegated to ovis_batch:
+1. read and validate the settings (unknown keys and impossible values stop here);
+2. plan: check the manifest (columns, unique ids), the model files and the output folder, and find the
+   ids already committed by an earlier run (resume) - all before any work starts;
+3. run on Ray Data: decode on CPU workers, caption on one resident model per replica, commit shards
+   atomically;
+4. verify that every manifest id is committed exactly once and write the summary `_run.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ovis_batch.config import CaptionConfig, load_config
+from ovis_batch.pipeline.job import (
+    finish_caption_job,
+    format_summary,
+    plan_caption_job,
+    ray_session,
+    reserved_cpus,
+    run_caption_job,
+)
+
+
+def run_caption(
+    manifest: str,
+    output: str,
+    model: str,
+    *,
+    config: str | os.PathLike | None = None,
+    overrides: list[str] = (),
+    address: str | None = None,
+    limit: int | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) the caption job; returns the summary that is also saved as `_run.json`."""
+    started = time.perf_counter()
+    settings: CaptionConfig = load_config(CaptionConfig, config, list(overrides))
+    plan = plan_caption_job(manifest, output, model, settings, limit=limit, overwrite=overwrite)
+    if plan.remaining == 0:  # everything already committed: nothing to start
+        totals = {
+            "rows": 0,
+            "ok": 0,
+            "errors": {},
+            "output_tokens": 0,
+            "decode_s": 0.0,
+            "infer_s": 0.0,
+            "shards": 0,
+            "wall_s": 0.0,
+        }
+    else:
+        with ray_session(address, num_cpus=reserved_cpus(settings)):
+            totals = run_caption_job(plan)
+    summary = finish_caption_job(plan, totals, started)
+    if not quiet:
+        print(format_summary(summary))
+    return summary
