@@ -497,7 +497,16 @@ def load_model(
     if config["model_type"] == "ovis2":
         from ovis_batch.model.ovis2 import load_ovis2
 
-        return load_ovis2(folder, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+        return load_ovis2(
+            folder,
+            device=device,
+            dtype=dtype,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            attn_implementation=attn_implementation,
+            name=str(source),
+            revision=revision,
+        )
     started = time.perf_counter()
     module = load_ovis2_5_module(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = load_tokenizer(folder)
