@@ -156,7 +156,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, value = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+    if isinstance(parsed, dict) and not value.lstrip().startswith("{"):
+        parsed = value  # free text such as `prompt=Answer: yes or no`
+    return key.strip(), parsed
 
 
 def load_config(cls: type[_Strict], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Any:
