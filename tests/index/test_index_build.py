@@ -317,3 +317,17 @@ def test_parallel_workers_give_the_same_index_as_one_process(tmp_path, write_out
     queries = small_vectors[::50]
     a, b = RetrievalIndex(tmp_path / "one"), RetrievalIndex(tmp_path / "two")
     assert a.search_vectors(queries, 5) == b.search_vectors(queries, 5)
+
+
+@pytest.mark.slow
+def test_parts_run_as_ray_tasks_give_the_same_index(tmp_path, write_output, small_vectors, settings):
+    pytest.importorskip("ray")
+    write_output(tmp_path / "emb", small_vectors, shards=4)
+    build_index(tmp_path / "emb", tmp_path / "one", settings.model_copy(update={"kind": "ivf"}))
+    ray_settings = settings.model_copy(update={"kind": "ivf", "workers": 2, "executor": "ray"})
+    build_index(tmp_path / "emb", tmp_path / "ray", ray_settings)
+    assert id_map(tmp_path / "one") == id_map(tmp_path / "ray")
+    queries = small_vectors[::50]
+    assert RetrievalIndex(tmp_path / "one").search_vectors(queries, 5) == RetrievalIndex(
+        tmp_path / "ray"
+    ).search_vectors(queries, 5)
