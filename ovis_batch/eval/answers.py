@@ -287,6 +287,12 @@ def short_answer(answer: str) -> str:
     return _ANSWER_PREFIX.sub("", _MARKDOWN.sub("", answer).strip()).strip()
 
 
+def extract_number(normalized: str) -> str | None:
+    """The one number in a normalised answer ("there are 2" -> "2"), or None when there is none or several."""
+    numbers = re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", normalized)
+    return numbers[0] if len(set(numbers)) == 1 else None
+
+
 def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
     """VQA accuracy of a normalised prediction against normalised annotator answers.
 

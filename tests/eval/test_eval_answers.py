@@ -174,6 +174,14 @@ def test_answer_types_and_majority():
     assert ans.majority_answer(["b", "a", "a", "b"]) == "b"
 
 
+@pytest.mark.parametrize(
+    ("normalized", "expected"),
+    [("2", "2"), ("there are 2", "2"), ("2 or 3", None), ("2 and 2", "2"), ("many", None)],
+)
+def test_extract_number(normalized, expected):
+    assert ans.extract_number(normalized) == expected
+
+
 def test_short_answer_strips_the_preamble():
     assert ans.short_answer("The answer is 3.") == "3."
     assert ans.short_answer("**Answer:** two") == "two"
