@@ -30,6 +30,7 @@ from ovis_batch.index.build import (
     plan_index,
     require_vectors,
     search_limit,
+    warn_if_flat_is_large,
 )
 from ovis_batch.index.folder import (
     ID_MAP_FILE,
@@ -54,9 +55,9 @@ def build_index(
 ) -> IndexManifest:
     """Build a new index at `index_dir` from the embedding Parquet at `embeddings`."""
     started = time.perf_counter()
-    check_build_target(index_dir, overwrite)
     source = open_embedding_input(embeddings, settings.id_column)
     with IndexWriter(index_dir) as writer:
+        check_build_target(index_dir, overwrite)
         plan = plan_index(source, settings)
         log.info(
             "building a %s index from %d files (%d rows)", plan.kind, len(source.files), source.total_rows
@@ -143,14 +144,7 @@ def add_to_index(
             current.model_dump(), index, recall, entry, next_faiss_id=source.end_faiss_id
         )
         writer.commit(index, manifest, previous=previous, removed=removed)
-    if manifest.kind == "flat" and manifest.count >= settings.auto_flat_threshold:
-        log.warning(
-            "%s is an exact (flat) index of %d vectors, above auto_flat_threshold %d: queries scan everything; "
-            "rebuild with `index build --kind auto --overwrite` for an ivf index",
-            index_dir,
-            manifest.count,
-            settings.auto_flat_threshold,
-        )
+    warn_if_flat_is_large(index_dir, manifest, settings.auto_flat_threshold)
     return manifest
 
 

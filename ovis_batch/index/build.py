@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -170,6 +171,7 @@ def search_limit(kind: str, settings: IndexSettings) -> int | None:
 def history_entry(
     action: str, source: EmbeddingInput, counts: ReadCounts, *, superseded: int, replaced: int, seconds: float
 ) -> HistoryEntry:
+    """The index.json record of one build or add; `added` counts ids new to the index."""
     return HistoryEntry(
         action=action,
         at=utc_now(),
@@ -202,3 +204,15 @@ def finish_manifest(
             "history": [*fields.get("history", []), entry],
         }
     )
+
+
+def warn_if_flat_is_large(index_dir: str | Path, manifest: IndexManifest, threshold: int) -> None:
+    """An exact index grown past the auto threshold by adds: suggest rebuilding it as ivf."""
+    if manifest.kind == "flat" and manifest.count >= threshold:
+        log.warning(
+            "%s is an exact (flat) index of %d vectors, above auto_flat_threshold %d: queries scan "
+            "everything; rebuild with `index build --kind auto --overwrite` for an ivf index",
+            index_dir,
+            manifest.count,
+            threshold,
+        )

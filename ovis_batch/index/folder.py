@@ -45,6 +45,7 @@ _ID_MAP_ROW_GROUP = 65_536
 
 
 def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (index.json timestamps)."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -106,12 +107,14 @@ class IndexManifest(_Record):
     history: list[HistoryEntry]
 
     def provenance(self) -> EmbeddingProvenance:
+        """The model, strategy and dimension every vector of this index shares."""
         return EmbeddingProvenance(
             ModelIdentity.from_dict(self.model), str(self.embedding["strategy"]), int(self.embedding["dim"])
         )
 
     @property
     def search_value(self) -> int | None:
+        """The stored nprobe or efSearch; None for flat."""
         return next(iter(self.search.values()), None)
 
 
@@ -190,6 +193,7 @@ class IdMap:
         self.path = Path(path)
 
     def rows(self) -> int:
+        """Row count, from the Parquet footer."""
         return pq.ParquetFile(self.path).metadata.num_rows
 
     def lookup(self, faiss_ids: np.ndarray) -> dict[int, tuple[str, str | None]]:

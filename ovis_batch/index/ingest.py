@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from ovis_batch.index.folder import IdMap
+from ovis_batch.index.folder import ID_MAP_SCHEMA, IdMap
 from ovis_batch.index.kinds import empty_like, merge_parts
 from ovis_batch.index.reader import (
     EmbeddingFile,
@@ -197,6 +197,8 @@ class PartTask:
 
 @dataclass
 class PartResult:
+    """A part's index (serialized), its id-map rows, row counts and sampled rows."""
+
     index: np.ndarray  # serialized part index
     keys: pa.Table  # faiss_id, id, caption
     counts: ReadCounts
@@ -206,32 +208,26 @@ class PartResult:
 
 def build_part(task: PartTask) -> PartResult:
     """Read a group of files into an empty copy of the index (runs in a worker process or Ray task)."""
+    threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(task.threads)
-    index = faiss.deserialize_index(task.empty_index)
-    full_keys: list[pa.Table] = []
-    sample = RowSample(task.sample_ids)
-    counts, _ = _add_files(
-        index,
-        task.files,
-        task.filesystem,
-        id_column=task.id_column,
-        dim=task.dim,
-        batch_rows=task.batch_rows,
-        bad_vectors=task.bad_vectors,
-        on_keys=full_keys.append,
-        sample=sample,
-    )
-    keys = (
-        pa.concat_tables(full_keys)
-        if full_keys
-        else pa.table(
-            {
-                "faiss_id": pa.array([], pa.int64()),
-                "id": pa.array([], pa.string()),
-                "caption": pa.array([], pa.string()),
-            }
+    try:
+        index = faiss.deserialize_index(task.empty_index)
+        full_keys: list[pa.Table] = []
+        sample = RowSample(task.sample_ids)
+        counts, _ = _add_files(
+            index,
+            task.files,
+            task.filesystem,
+            id_column=task.id_column,
+            dim=task.dim,
+            batch_rows=task.batch_rows,
+            bad_vectors=task.bad_vectors,
+            on_keys=full_keys.append,
+            sample=sample,
         )
-    )
+    finally:
+        faiss.omp_set_num_threads(threads)
+    keys = pa.concat_tables(full_keys) if full_keys else ID_MAP_SCHEMA.empty_table()
     return PartResult(faiss.serialize_index(index), keys, counts, *sample.collected(task.dim))
 
 

@@ -42,6 +42,7 @@ def choose_nlist(count: int, lists_per_sqrt_n: float) -> int:
 
 
 def new_flat_index(dim: int) -> faiss.Index:
+    """An empty exact inner-product index keyed by FAISS ids."""
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
@@ -57,6 +58,7 @@ def new_ivf_index(train_vectors: np.ndarray, nlist: int, kmeans_iterations: int,
 
 
 def new_hnsw_index(dim: int, m: int, ef_construction: int) -> faiss.Index:
+    """An empty inner-product HNSW graph of degree `m`, keyed by FAISS ids."""
     graph = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = ef_construction
     return faiss.IndexIDMap2(graph)

@@ -49,6 +49,7 @@ class ModelIdentity:
         return reasons
 
     def describe(self) -> str:
+        """One line for messages: name, revision, short weight hash."""
         parts = [self.name]
         if self.revision:
             parts.append(f"revision {self.revision}")
@@ -57,10 +58,12 @@ class ModelIdentity:
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, str | None]:
+        """The `model` object of the metadata and of index.json."""
         return {"name": self.name, "revision": self.revision, "weights_sha256": self.weights_sha256}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
+        """From a `model` object or `model_info()`; other keys are ignored."""
         return cls(
             name=str(data["name"]),
             revision=_optional_str(data.get("revision")),
@@ -86,6 +89,7 @@ class EmbeddingProvenance:
         return reasons
 
     def describe(self) -> str:
+        """One line for messages."""
         return f"{self.model.describe()}; strategy {self.strategy}; dim {self.dim}"
 
     def to_metadata(self, extra: dict[str, Any] | None = None) -> dict[bytes, bytes]:

@@ -55,10 +55,12 @@ class EmbeddingInput:
 
     @property
     def total_rows(self) -> int:
+        """Rows of every file, usable or not (from the footers)."""
         return sum(f.num_rows for f in self.files)
 
     @property
     def first_faiss_id(self) -> int:
+        """The FAISS id of the first row of the first file."""
         return self.files[0].first_faiss_id
 
     @property
@@ -93,10 +95,12 @@ class ReadCounts:
     skipped_bad_vectors: int = 0
 
     def add(self, other: ReadCounts) -> None:
+        """Add `other`'s counts to these."""
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def as_dict(self) -> dict[str, int]:
+        """The counts by name."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
@@ -315,6 +319,7 @@ class RowSample:
         return cls(np.sort(picked).astype(np.int64) + first_faiss_id)
 
     def offer(self, batch: EmbeddingBatch) -> None:
+        """Keep the rows of `batch` that were drawn."""
         hit = np.isin(batch.faiss_ids, self.wanted, assume_unique=True)
         if hit.any():
             self.faiss_ids.append(batch.faiss_ids[hit])

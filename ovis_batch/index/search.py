@@ -29,6 +29,8 @@ EmbedImage = Callable[[list[Any]], np.ndarray]
 
 @dataclass(frozen=True)
 class SearchHit:
+    """One result: rank from 1, the item's id, cosine score, caption."""
+
     rank: int
     id: str
     score: float
@@ -46,6 +48,7 @@ class RetrievalIndex:
 
     @property
     def provenance(self) -> EmbeddingProvenance:
+        """The model, strategy and dimension queries must match."""
         return self.manifest.provenance()
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[SearchHit]]:
