@@ -54,7 +54,10 @@ _LINE_BREAKS = re.compile("\r\n|[\n\r\u2028\u2029\u000b\u000c\u0085]")
 
 def ptb_tokenize(caption: str) -> str:
     """Tokenise one caption like the COCO toolkit: PTB tokens, lower-cased, punctuation dropped."""
-    return _coco_postprocess(" ".join(_java_lower(token) for token in _lex_line(caption)))
+    line = " ".join(_lex_line(caption))
+    return _coco_postprocess(
+        line.lower() if "\u03a3" not in line else " ".join(map(_java_lower, line.split(" ")))
+    )
 
 
 def ptb_tokenize_many(captions: Sequence[str]) -> list[str]:
@@ -662,10 +665,39 @@ def _rules_starting_with(char: str) -> tuple[_Rule, ...]:
     return tuple(r for r in _rules() if r.starts.match(char))
 
 
-# A run of ASCII letters followed by a space or the end of the line is always one token, whatever rule
-# claims it, unless it is one of the words the lexer splits ("cannot" -> "can not", "gonna" -> "gon na").
-_PLAIN_WORD = re.compile(r"[A-Za-z]+(?=[ \n])")
+# Fast paths for what captions are mostly made of; each gives what the rules give (see the tests).
+# A run of ASCII letters is one token, whatever rule claims it, when a space, the end of the line, ")" or
+# '"', or one of , ! ? and then a space, follows: no rule extends it past those. Exceptions: the words
+# the lexer splits ("cannot" -> "can not", "gonna" -> "gon na").
+_PLAIN_WORD = re.compile(r"[A-Za-z]+(?=[ \n)\"]|[,!?][ \n])")
 _SPLIT_WORDS = frozenset(["cannot", "gonna", "gotta", "lemme", "gimme", "wanna"])
+# Before a period and a space the same holds unless the run is an abbreviation ("Mr.", "etc.", "a."),
+# which `_plain_before_period` finds out once per word by lexing it in every context that matters.
+_WORD_BEFORE_PERIOD = re.compile(r"[A-Za-z]+(?=\.[ \n])")
+_PERIOD_PROBES = (".\nx", ". a x", ". A x", ". 1 x", ". The x", ". Mr. x", ". Ltd x", ". <b> x", ".\n\nx")
+# A lone . , ! or ? before a space (not the start of ". . .") is a token of its own.
+_LONE_PUNCTUATION = re.compile(r"[.,!?](?=[ \n](?!\.))")
+
+
+@functools.lru_cache(maxsize=65536)
+def _plain_before_period(word: str) -> bool:
+    for probe in _PERIOD_PROBES:
+        token, consumed = _lex_at(word + probe + "\nx", 0)
+        if (token, consumed) != (word, len(word)):
+            return False
+    return True
+
+
+def _lex_at(text: str, pos: int) -> tuple[str | None, int]:
+    """The token the lexer emits at `pos` (None for skipped text) and how many characters it consumes."""
+    best_rule, best_match, best_total = None, None, 0
+    for rule in _rules_starting_with(text[pos]):
+        for pattern in rule.patterns:
+            match = pattern.match(text, pos)
+            if match is not None and match.end() - pos > best_total:
+                best_rule, best_match, best_total = rule, match, match.end() - pos
+    assert best_rule is not None and best_match is not None, "the last rule matches any character"
+    return best_rule.action(best_match.group("tok"))
 
 
 def _lex_line(caption: str) -> list[str]:
@@ -679,19 +711,18 @@ def _lex_line(caption: str) -> list[str]:
         if text[pos] == " ":  # a plain space only ever separates tokens
             pos += 1
             continue
-        plain = _PLAIN_WORD.match(text, pos)
-        if plain is not None and plain.group().lower() not in _SPLIT_WORDS:
-            tokens.append(plain.group())
-            pos = plain.end()
+        plain = _PLAIN_WORD.match(text, pos) or _WORD_BEFORE_PERIOD.match(text, pos)
+        if plain is not None:
+            word = plain.group()
+            if word.lower() not in _SPLIT_WORDS and (text[plain.end()] != "." or _plain_before_period(word)):
+                tokens.append(word)
+                pos = plain.end()
+                continue
+        elif _LONE_PUNCTUATION.match(text, pos):
+            tokens.append(text[pos])
+            pos += 1
             continue
-        best_rule, best_match, best_total = None, None, 0
-        for rule in _rules_starting_with(text[pos]):
-            for pattern in rule.patterns:
-                match = pattern.match(text, pos)
-                if match is not None and match.end() - pos > best_total:
-                    best_rule, best_match, best_total = rule, match, match.end() - pos
-        assert best_rule is not None and best_match is not None, "the last rule matches any character"
-        token, consumed = best_rule.action(best_match.group("tok"))
+        token, consumed = _lex_at(text, pos)
         if token is not None:
             tokens.append(token)
         pos += consumed

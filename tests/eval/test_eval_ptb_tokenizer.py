@@ -72,6 +72,31 @@ def test_rule_start_filters_never_hide_a_match():
                 )
 
 
+def lex_without_fast_paths(caption: str) -> list[str]:
+    text = ptb._LINE_BREAKS.sub(" ", caption) + "\nx"
+    tokens, pos = [], 0
+    while pos < len(text) - 2:
+        token, consumed = ptb._lex_at(text, pos)
+        tokens += [token] if token is not None else []
+        pos += consumed
+    return tokens
+
+
+def test_fast_paths_agree_with_the_rules():
+    captions = [case["caption"] for case in GOLDEN["cases"]] + random_lines(seed=99, n=400)
+    captions += [
+        "Mr. Smith.",
+        "etc. and so.",
+        "a. b. c.",
+        "plan B. The end.",
+        "op. 5",
+        "Co. Ltd",
+        "x.",
+        "no. 3 no.",
+    ]
+    assert [ptb._lex_line(c) for c in captions] == [lex_without_fast_paths(c) for c in captions]
+
+
 def random_lines(seed: int, n: int) -> list[str]:
     rng = random.Random(seed)
     alphabet = string.ascii_letters * 3 + string.digits * 2 + string.punctuation * 2 + " " * 8
