@@ -60,7 +60,7 @@ def build_index(
         check_build_target(index_dir, overwrite)
         plan = plan_index(source, settings)
         log.info(
-            "building a %s index from %d files (%d rows)", plan.kind, len(source.files), source.total_rows
+            "building the %s index from %d files (%d rows)", plan.kind, len(source.files), source.total_rows
         )
         added = add_embeddings(
             plan.index,

@@ -116,3 +116,44 @@ def test_shipped_index_config_is_valid():
 
     path = Path(__file__).parents[2] / "configs" / "index.yaml"
     assert load_index_settings(path) == IndexSettings()
+
+
+@pytest.mark.slow
+def test_index_of_the_caption_jobs_output_is_searched_by_image_text_and_id(tmp_path, capsys, tiny_checkpoint):
+    """The real chain: caption job (Ray, tiny model, embeddings on) -> index build -> search."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (96, 64), colour).save(tmp_path / f"im{i}.png")
+    manifest = pa.table({"image_id": [f"im{i}" for i in range(4)], "image": [f"im{i}.png" for i in range(4)]})
+    pq.write_table(manifest, tmp_path / "manifest.parquet")
+    job = [
+        "--manifest",
+        tmp_path / "manifest.parquet",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        tiny_checkpoint,
+    ]
+    assert (
+        main(["caption", *map(str, job), "embedding=last_token", "max_new_tokens=4", "decode_workers=1"]) == 0
+    )
+    capsys.readouterr()
+
+    code, out, _ = run(capsys, "build", "--embeddings", tmp_path / "out", "--index", tmp_path / "idx")
+    assert code == 0 and "flat index of 4 vectors" in out
+    code, out, _ = run(
+        capsys, "search", "--index", tmp_path / "idx", "--image", tmp_path / "im2.png", "--format", "json"
+    )
+    top = json.loads(out)["results"][0]
+    assert code == 0 and top["id"] == "im2" and top["score"] == pytest.approx(1.0, abs=1e-4)
+    code, out, _ = run(
+        capsys, "search", "--index", tmp_path / "idx", "--text", "a blue square", "--format", "json"
+    )
+    assert code == 0 and len(json.loads(out)["results"]) == 4
+    code, out, _ = run(
+        capsys, "search", "--index", tmp_path / "idx", "--id", "im3", "--k", 1, "--format", "json"
+    )
+    assert json.loads(out)["results"][0]["id"] == "im3"
