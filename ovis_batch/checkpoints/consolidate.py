@@ -34,6 +34,7 @@ from ovis_batch.checkpoints.layout import (
     WEIGHTS_ZERO_16BIT,
     WEIGHTS_ZERO_PARTITIONS,
     CheckpointLayout,
+    checkpoint_stamp,
     describe_checkpoint,
 )
 from ovis_batch.checkpoints.zero import zero_16bit_weights, zero_fp32_weights
@@ -118,7 +119,8 @@ def resolve_model_dir(path: str | os.PathLike, cache_dir: str | os.PathLike | No
     if layout.weights_source == WEIGHTS_SAFETENSORS:
         return path
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"{path.resolve().parent.name}-{path.name}-{_cache_key(layout)[:16]}"
+    key = hashlib.sha256(f"{_CACHE_FORMAT}:{checkpoint_stamp(layout)}".encode()).hexdigest()[:16]
+    target = root / f"{path.resolve().parent.name}-{path.name}-{key}"
     if target.is_dir():  # renamed into place only when complete
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -137,16 +139,6 @@ def default_cache_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------------------- internals
-
-
-def _cache_key(layout: CheckpointLayout) -> str:
-    zero = layout.zero
-    files = [layout.path / "config.json", *zero.model_state_files]
-    if layout.weights_source == WEIGHTS_ZERO_PARTITIONS:
-        files += zero.optim_files
-    stamp = [_CACHE_FORMAT, str(layout.path.resolve()), layout.weights_source]
-    stamp += [(str(f.relative_to(layout.path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
 
 
 @contextlib.contextmanager

@@ -213,6 +213,35 @@ def describe_checkpoint(path: Path, *, read_state: bool = True) -> CheckpointLay
     return layout
 
 
+def weight_bearing_files(layout: CheckpointLayout) -> list[Path]:
+    """config.json and every file the inference weights are read from (for change detection)."""
+    files = [layout.path / "config.json"]
+    if layout.weights_source == WEIGHTS_SAFETENSORS:
+        index = layout.path / "model.safetensors.index.json"
+        files += [*([index] if index.is_file() else []), *layout.safetensors]
+    else:
+        files += layout.zero.model_state_files
+        if layout.weights_source == WEIGHTS_ZERO_PARTITIONS:
+            files += layout.zero.optim_files
+    return files
+
+
+def checkpoint_stamp(layout: CheckpointLayout) -> str:
+    """sha256 over the weight-bearing files' names, sizes and modification times: changes when any is rewritten.
+
+    Instant even for large checkpoints (no file is read), which is what deciding "already consolidated" or
+    "already scored" needs; the weights' own fingerprint (`weights_fingerprint`) is taken from the files
+    actually loaded.
+    """
+    import hashlib
+
+    stamp = [str(layout.path.resolve()), layout.weights_source]
+    for f in weight_bearing_files(layout):
+        info = f.stat()
+        stamp.append([str(f.relative_to(layout.path)), info.st_size, info.st_mtime_ns])
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+
+
 def _ties_embeddings(config: dict) -> bool:
     llm = config.get("llm_config") or config.get("text_config") or {}
     return bool(llm.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
