@@ -1,0 +1,96 @@
+"""Evaluate a whole training run checkpoint by checkpoint, and report each metric against the global step.
+
+    ovis-batch eval-checkpoints runs/ft --manifest bench.parquet --references bench_refs.parquet \\
+        --report reports/ft [--config configs/caption.yaml] [--address auto] [--set max_new_tokens=64 ...]
+
+The story, each step delegated to ovis_batch and the two jobs it chains:
+1. find every `checkpoint-N` of the run and check each one (kind, weights, ZeRO files, trainer_state.json)
+   before any work starts; read the caption settings once;
+2. for each checkpoint not already scored: run the batch job with the checkpoint as the model (a ZeRO
+   checkpoint is consolidated once, by `load_model`), then the evaluation, into
+   `REPORT/checkpoints/checkpoint-N/`; a checkpoint scored before, whose files have not changed since, is
+   skipped;
+3. write the trend report: every metric and the training loss against the global step, as a table
+   (trend.md, trend.csv), PNG plots, and trend.json last.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ovis_batch.checkpoints.trend import checkpoint_scores, find_run_checkpoints, write_trend_report
+from ovis_batch.config import CaptionConfig, load_config
+from ovis_batch.eval.options import EvaluateOptions
+from ovis_batch.pipeline.job import ray_session, reserved_cpus
+from workflows.caption import run_caption
+from workflows.evaluate import evaluate
+
+
+def eval_checkpoints(
+    run_dir: str | os.PathLike,
+    *,
+    manifest: str,
+    references: str,
+    report: str | os.PathLike,
+    config: str | os.PathLike | None = None,
+    overrides: list[str] = (),
+    address: str | None = None,
+    limit: int | None = None,
+    task: str = "auto",
+    tokenizer: str = "python",
+    meteor: bool = True,
+) -> dict[str, Any]:
+    """Score every checkpoint of `run_dir` not scored yet; returns the trend.json document it wrote."""
+    # 1. Every checkpoint and the settings are checked up front: a bad one stops the run before any work.
+    checkpoints = find_run_checkpoints(run_dir, report)
+    settings = load_config(CaptionConfig, config, list(overrides))
+    EvaluateOptions(
+        predictions="", references=references, report_dir="", task=task, tokenizer=tokenizer
+    )  # checks
+
+    # 2. One Ray session for all the checkpoints; each is captioned, then scored.
+    to_score = []
+    for checkpoint in checkpoints:
+        if checkpoint.is_scored():
+            print(f"{checkpoint.path.name}: already scored, skipped ({checkpoint.eval_dir})")
+        else:
+            to_score.append(checkpoint)
+    if to_score:
+        with ray_session(address, num_cpus=reserved_cpus(settings)):
+            for checkpoint in to_score:
+                print(f"{checkpoint.path.name}: {checkpoint.layout.kind}, captioning and scoring")
+                checkpoint.prepare()
+                summary = run_caption(
+                    manifest,
+                    str(checkpoint.predictions),
+                    str(checkpoint.path),
+                    config=config,
+                    overrides=list(overrides),
+                    address=address,
+                    limit=limit,
+                )
+                if not summary["complete"]:
+                    raise RuntimeError(
+                        f"the batch job over {checkpoint.path} did not commit every row "
+                        f"({checkpoint.predictions}/_run.json); rerun to resume it"
+                    )
+                evaluate(
+                    EvaluateOptions(
+                        predictions=str(checkpoint.predictions),
+                        references=references,
+                        report_dir=str(checkpoint.eval_dir),
+                        task=task,
+                        allow_partial=limit is not None,
+                        tokenizer=tokenizer,
+                        meteor=meteor,
+                    )
+                )
+
+    # 3. The trend over every checkpoint, scored now or before.
+    rows = [checkpoint_scores(c, Path(report)) for c in checkpoints]
+    newest = checkpoints[-1].layout.trainer_state
+    document = write_trend_report(report, run_dir, rows, newest.losses if newest else ())
+    print(f"trend report: {Path(report) / 'trend.md'}")
+    return document
