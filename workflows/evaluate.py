@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ovis_batch.eval.data import load_predictions, load_references, match_ids
+from ovis_batch.eval.data import load_predictions, load_references, match_ids, require_unique_ids
 from ovis_batch.eval.health import run_health
 from ovis_batch.eval.options import EvaluateOptions
 from ovis_batch.eval.report import build_metrics, load_previous, write_report
@@ -30,10 +30,10 @@ from ovis_batch.eval.tasks import (
 def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     """Run one evaluation and return the metrics.json document it wrote."""
     # 1. Inputs. Retrieval references are text embeddings: several rows (captions) per image id.
-    references = load_references(options.references, options.id_column, unique_ids=False)
+    references = load_references(options.references, options.id_column)
     task, task_reason = resolve_task(options.task, references.table.column_names)
     if task != "retrieval":
-        references = load_references(options.references, options.id_column, unique_ids=True)
+        require_unique_ids(references, options.references)
     predictions = load_predictions(
         options.predictions, options.id_column, with_embeddings=task == "retrieval"
     )

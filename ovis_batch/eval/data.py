@@ -142,16 +142,19 @@ def load_predictions(
     return Predictions(frame, embeddings, source.files, source.metadata)
 
 
-def load_references(path: str, id_column: str = DEFAULT_ID_COLUMN, unique_ids: bool = True) -> ParquetSource:
-    """Read references keyed by `id_column` (renamed to `id`); ids must be unique unless told otherwise."""
+def load_references(path: str, id_column: str = DEFAULT_ID_COLUMN) -> ParquetSource:
+    """Read references keyed by `id_column` (renamed to `id`, as strings)."""
     source = read_parquet(path, what="references")
     _require_columns(source.table, [id_column], "references", path, hint=_id_hint(id_column))
     table = source.table.rename_columns(["id" if c == id_column else c for c in source.table.column_names])
     ids = _string_ids(table.column("id").to_pandas(), "references", path)
-    if unique_ids:
-        _require_unique(ids, "references", path)
     table = table.set_column(table.column_names.index("id"), "id", pa.array(ids.to_numpy(), pa.string()))
     return ParquetSource(table, source.files, source.metadata)
+
+
+def require_unique_ids(references: ParquetSource, path: str) -> None:
+    """One reference row per id (all tasks but retrieval, whose texts repeat their image id)."""
+    _require_unique(pd.Series(references.table.column("id").to_pylist()), "references", path)
 
 
 def match_ids(prediction_ids: Sequence[str], reference_ids: Sequence[str], allow_partial: bool) -> IdMatch:

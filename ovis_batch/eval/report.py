@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -102,9 +103,8 @@ def write_report(
     result.items.to_parquet(os.path.join(report_dir, SCORES_FILE), index=False)
     document["files"] = {"report": REPORT_FILE, "scores": SCORES_FILE, "plots": plot_files}
     _write_text(os.path.join(report_dir, REPORT_FILE), render_markdown(document))
-    _write_text(
-        os.path.join(report_dir, METRICS_FILE), json.dumps(document, indent=2, allow_nan=False) + "\n"
-    )
+    text = json.dumps(_finite(document), indent=2, allow_nan=False)
+    _write_text(os.path.join(report_dir, METRICS_FILE), text + "\n")
     return document
 
 
@@ -391,6 +391,19 @@ def _model_line(metadata: Mapping[str, Any]) -> str:
             value = metadata[key]
             shown.append(f"{key}: {json.dumps(value) if not isinstance(value, str) else value}")
     return "; ".join(shown) if shown else ", ".join(sorted(metadata)[:8])
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become null, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _write_text(path: str, text: str) -> None:

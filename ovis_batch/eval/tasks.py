@@ -176,7 +176,12 @@ def score_captions_task(
     ref_lists = [list(refs) for refs in ok["references"]]
     flat_refs = [r for refs in ref_lists for r in refs]
     if tokenizer == "java":
-        tokenized = java_ptb_tokenize(hypotheses + flat_refs)
+        try:
+            tokenized = java_ptb_tokenize(hypotheses + flat_refs)
+        except RuntimeError as err:
+            raise EvalInputError(
+                f"--tokenizer java: {err}; the default python tokenizer needs no Java"
+            ) from err
         tokenizer_name = JAVA_TOKENIZER
     elif tokenizer == "python":
         tokenized = ptb_tokenize_many(hypotheses + flat_refs)

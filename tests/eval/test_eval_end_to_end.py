@@ -22,7 +22,7 @@ from eval_outputs import write_predictions, write_references, write_text_embeddi
 from ovis_batch.cli import main
 from ovis_batch.eval.answers import vqa_accuracy
 from ovis_batch.eval.caption_metrics import score_captions
-from ovis_batch.eval.ptb_tokenizer import ptb_tokenize_many
+from ovis_batch.eval.ptb_tokenizer import java_available, ptb_tokenize_many
 from ovis_batch.eval.retrieval import retrieval_recall
 
 CATEGORIES = ["people", "animals", "places"]
@@ -142,6 +142,41 @@ def test_compare_shows_deltas(tmp_path):
         assert f"{expected:+.4f}" in markdown
     assert deltas["error rate"]["delta"] == 0
     assert "Δ vs previous" in markdown and str(first) in markdown
+
+
+def test_java_tokenizer_needs_java_and_says_so(tmp_path, capsys):
+    out, refs = caption_run(tmp_path)
+    args = ["--predictions", str(out), "--references", str(refs), "--report", str(tmp_path / "r")]
+    assert evaluate(*args, "--tokenizer", "java") == 2
+    assert "--tokenizer java" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(java_available() is not None, reason=f"needs Java: {java_available()}")
+def test_java_tokenizer_gives_the_same_scores_but_is_not_compared_with_python(tmp_path, monkeypatch):
+    monkeypatch.undo()  # Java back on PATH for the tokenizer; METEOR stays off
+    out, refs = caption_run(tmp_path)
+    base = ["--predictions", str(out), "--references", str(refs), "--no-meteor"]
+    assert evaluate(*base, "--report", str(tmp_path / "py")) == 0
+    assert (
+        evaluate(
+            *base,
+            "--report",
+            str(tmp_path / "java"),
+            "--tokenizer",
+            "java",
+            "--compare",
+            str(tmp_path / "py"),
+        )
+        == 0
+    )
+    python, _ = read_report(tmp_path / "py")
+    java, markdown = read_report(tmp_path / "java")
+    assert "n/a" in markdown  # the delta column says the scores are not comparable
+    for name in ("BLEU-4", "ROUGE-L", "CIDEr-D"):
+        assert java["metrics"][name]["value"] == pytest.approx(python["metrics"][name]["value"], abs=1e-12)
+        assert java["metrics"][name]["tokenizer"] == "ptb-java"
+        assert not java["comparison"]["deltas"][name]["comparable"]
+    assert "not comparable" in java["comparison"]["deltas"]["CIDEr-D"]["note"]
 
 
 def test_unmatched_ids_fail_with_counts_unless_partial(tmp_path, capsys):
