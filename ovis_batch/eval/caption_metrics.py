@@ -391,11 +391,13 @@ def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tu
         return "skipped: METEOR needs the `pycocoevalcap` package, which is not installed"
     gts = {i: list(refs) for i, refs in enumerate(references)}
     res = {i: [hypothesis] for i, hypothesis in enumerate(hypotheses)}
-    scorer = Meteor()
     try:
+        scorer = Meteor()
         score, scores = scorer.compute_score(gts, res)
+    except (OSError, ValueError) as err:  # the JVM did not start, or died and answered nothing
+        return f"skipped: METEOR failed ({type(err).__name__}: {err})"
     finally:
-        del scorer  # its __del__ stops the Java process
+        scorer = None  # the wrapper's __del__ stops its Java process
     return float(score), np.asarray(scores, dtype=np.float64)
 
 

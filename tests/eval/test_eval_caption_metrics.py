@@ -248,6 +248,20 @@ def test_meteor_goes_through_the_toolkit_wrapper(monkeypatch):
     assert seen["gts"] == {i: r for i, r in enumerate(refs)}
 
 
+def test_meteor_failure_is_reported_not_raised(monkeypatch):
+    class DeadMeteor:
+        def compute_score(self, gts, res):
+            raise ValueError("could not convert string to float: b''")
+
+    meteor_module = pytest.importorskip("pycocoevalcap.meteor.meteor")
+    monkeypatch.setattr(meteor_module, "Meteor", DeadMeteor)
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/java")
+    hyps, refs = caption_sets()["varied"]
+    scores = cm.score_captions(hyps, refs, with_meteor=True)
+    assert scores.skipped["METEOR"].startswith("skipped: METEOR failed (ValueError")
+    assert "CIDEr-D" in scores.corpus
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(java_available() is not None, reason=f"needs Java: {java_available()}")
 def test_meteor_equals_pycocoevalcap():
