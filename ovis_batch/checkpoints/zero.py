@@ -27,10 +27,8 @@ inference checkpoints (`layout.py`, `consolidate.py`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,19 +425,4 @@ def _short(zero: ZeroCheckpoint, group: int | None, needed: int, available: int)
         f"{zero.folder}: the optimizer partitions{where} hold {available} master-weight elements where the "
         f"parameter shapes in {zero.model_state_files[0].name} need {needed}; the partitions do not match "
         f"the world size ({zero.world_size}) or the model the files claim"
-    )
-
-
-def iter_state(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in name order, each materialised (memory-mapped slices become ordinary tensors)."""
-    for name in sorted(state):
-        yield name, state[name].contiguous()
-
-
-def describe_zero(zero: ZeroCheckpoint) -> str:
-    """A one-line summary for `checkpoint inspect`."""
-    config = json.dumps({k: v for k, v in (zero.ds_config.get("zero_optimization") or {}).items()})
-    return (
-        f"ZeRO-{zero.stage}, world size {zero.world_size}, {zero.tag}, DeepSpeed {zero.ds_version or '?'}, "
-        f"zero_optimization {config}"
     )
