@@ -212,9 +212,8 @@ def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     scheme = plan.manifest.uri.split("://", 1)[0] if "://" in plan.manifest.uri else ""
-    ds = ray.data.read_parquet(
-        plan.manifest.files, filesystem=plan.manifest.fs, columns=columns, include_paths=True
-    )
+    ds = ray.data.read_parquet(plan.manifest.files, filesystem=plan.manifest.fs, include_paths=True)
+    ds = ds.select_columns([*columns, "path"])  # projection is pushed down into the Parquet read
     keep = ray.put(plan.keep) if plan.keep is not None else None
     skip = ray.put(plan.skip) if len(plan.skip) else None
     ds = ds.map_batches(

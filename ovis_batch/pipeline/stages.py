@@ -103,7 +103,8 @@ class DecodeStage:
             pixel_ceiling,
             fast,
         )
-        self.keep, self.skip = keep, skip
+        # The id sets travel through Ray's object store once (ray.put) and are fetched once per actor.
+        self.keep, self.skip = _resolve(keep), _resolve(skip)
 
     def select(self, batch: pa.Table) -> pa.Table:
         """Drop rows already committed (resume) and rows beyond `--limit` (an allow-list of ids)."""
@@ -192,6 +193,12 @@ class DecodeStage:
         arrays.update({f.name: pa.array(columns[f.name], f.type) for f in INTERNAL_FIELDS})
         arrays.update({f.name: batch.column(f.name) for f in self.passthrough})
         return pa.table(arrays)
+
+
+def _resolve(value: Any) -> Any:
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def token_budget_batches(tokens: list[int], budget: int, max_rows: int) -> list[list[int]]:

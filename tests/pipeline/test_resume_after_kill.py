@@ -1,0 +1,100 @@
+"""Resume after a real SIGKILL of the job midway: the rerun processes only the ids not yet committed,
+and the union of shards holds every manifest id exactly once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+N_ROWS = 120
+SETTINGS = [
+    "min_pixels=4096",
+    "max_pixels=200704",
+    "max_new_tokens=24",
+    "rows_per_shard=2",
+    "batch_rows=2",
+    "decode_batch_rows=2",
+    "decode_workers=1",
+]
+
+
+def committed(output: Path) -> list[str]:
+    ids: list[str] = []
+    for shard in sorted(output.glob("part-*.parquet")):
+        ids += pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()
+    return ids
+
+
+def kill_everything(job: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (Ray's GCS, raylet, workers) at once: a lost machine."""
+    import psutil  # a dependency of Ray
+
+    processes = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+    job.wait()
+
+
+def test_sigkill_midway_then_resume(tmp_path, tiny_checkpoint, photos):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(N_ROWS):
+        name = ["astronaut", "chelsea", "coffee"][i % 3]
+        crop = photos[name][rng.integers(0, 40) :, rng.integers(0, 40) :]
+        Image.fromarray(crop).save(tmp_path / f"{i}.jpg", quality=85)
+        rows.append({"image_id": f"row-{i:03d}", "image": f"{i}.jpg"})
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    output = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "ovis_batch.cli",
+        "caption",
+        "--manifest",
+        str(manifest),
+        "--output",
+        str(output),
+        "--model",
+        str(tiny_checkpoint),
+        *SETTINGS,
+    ]
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    # A session of its own, so that one SIGKILL reaches the driver and every Ray process it started.
+    job = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while len(committed(output)) < 6:
+            assert job.poll() is None, "the job finished before it could be killed; make it longer"
+            assert time.monotonic() < deadline, "no shard committed within 240 s"
+            time.sleep(0.2)
+    finally:
+        kill_everything(job)
+    before = committed(output)
+    assert 6 <= len(before) < N_ROWS, "the kill must land midway"
+    assert len(before) == len(set(before))
+    assert not (output / "_run.json").exists()  # written last: its absence marks the killed run
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads((output / "_run.json").read_text())
+    after = committed(output)
+    assert sorted(after) == sorted(r["image_id"] for r in rows)  # every id, exactly once
+    assert summary["skipped_already_done"] == len(before)
+    assert summary["this_run"]["rows"] == N_ROWS - len(before)  # only the missing ids were processed
+    assert summary["complete"] and summary["duplicates_repaired"] == 0
