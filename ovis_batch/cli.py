@@ -299,7 +299,9 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
         help="caption a Parquet manifest of images on Ray (captions, reasoning, embeddings -> Parquet)",
         description="Run or resume the caption job. Settings: --config YAML plus key=value overrides.",
     )
-    p.add_argument("--manifest", required=True, help="Parquet file, folder or glob (local, s3://, gs://, ...)")
+    p.add_argument(
+        "--manifest", required=True, help="Parquet file, folder or glob (local, s3://, gs://, ...)"
+    )
     p.add_argument("--output", required=True, help="output folder (local or URI)")
     p.add_argument("--model", required=True, help="checkpoint folder, training checkpoint or hub id")
     p.add_argument("--config", help="YAML settings (see configs/caption.yaml)")
@@ -347,11 +349,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--predictions", required=True, help="the batch job's output folder (or one Parquet file)")
     p.add_argument(
-        "--references", required=True, help="Parquet keyed by the id column; for retrieval, the text embeddings"
+        "--references",
+        required=True,
+        help="Parquet keyed by the id column; for retrieval, the text embeddings",
     )
     p.add_argument("--report", required=True, help="report folder to write (metrics.json, report.md, plots/)")
     p.add_argument("--task", choices=["captions", "vqa", "mcq", "retrieval", "auto"], default="auto")
-    p.add_argument("--compare", metavar="PREVIOUS_REPORT", help="previous report folder: show deltas against it")
+    p.add_argument(
+        "--compare", metavar="PREVIOUS_REPORT", help="previous report folder: show deltas against it"
+    )
     p.add_argument("--allow-partial", action="store_true", help="score only the ids both sides share")
     p.add_argument("--id-column", default="image_id", help="id column on both sides (default image_id)")
     p.add_argument(
@@ -362,9 +368,24 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_evaluate)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from workflows.demo import run_demo
+
+    return 0 if run_demo(args.workdir)["complete"] else 1
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="caption the bundled sample images with a tiny random-weight model (local Ray, CPU)"
+    )
+    p.add_argument("--workdir", default="ovis-batch-demo", help="where the model and the output go")
+    p.set_defaults(handler=_demo)
+
+
 # Each entry adds one subcommand. Keep the list sorted by command name.
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_caption,
+    _add_demo,
     _add_checkpoint,
     _add_eval_checkpoints,
     _add_evaluate,
