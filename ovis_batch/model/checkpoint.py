@@ -33,7 +33,11 @@ def resolve_source(source: str | os.PathLike) -> Path:
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json")
-        return path
+        # Training checkpoints (Trainer checkpoint-N, DeepSpeed ZeRO) become a folder in the official
+        # layout (ZeRO partitions are consolidated once into a cache); released folders come back as is.
+        from ovis_batch.checkpoints import resolve_model_dir
+
+        return resolve_model_dir(path)
     text = str(source)
     if not _HUB_ID.match(text):
         raise CheckpointError(f"model source {text!r} is neither an existing folder nor a hub id (org/name)")
@@ -85,7 +89,7 @@ def weight_files(folder: Path) -> list[Path]:
     else:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            bins = sorted(p.name for p in folder.glob("*.bin"))
+            bins = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
             hint = f" (found {', '.join(bins)}: convert them to safetensors first)" if bins else ""
             raise CheckpointError(f"no *.safetensors weights in {folder}{hint}")
     for f in files:
