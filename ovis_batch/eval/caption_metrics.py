@@ -23,7 +23,9 @@ uses a bit-parallel LCS. Tokenisation, answer matching and reports live elsewher
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -126,16 +128,16 @@ class NgramTable:
             dtype=np.int64,
             count=sum(map(len, references)),
         )
-        sentences = [*hypotheses, *(ref for refs in references for ref in refs)]
-        vocabulary: dict[str, int] = {}
-        word_ids: list[int] = []
-        lengths = np.empty(len(sentences), dtype=np.int64)
-        for s, sentence in enumerate(sentences):
-            words = sentence.split()
-            lengths[s] = len(words)
-            word_ids.extend(vocabulary.setdefault(w, len(vocabulary)) for w in words)
-        words_flat = np.asarray(word_ids, dtype=np.int64)
-        sentence_of_word = np.repeat(np.arange(len(sentences), dtype=np.int64), lengths)
+        split = [sentence.split() for sentence in (*hypotheses, *(r for refs in references for r in refs))]
+        lengths = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+        vocabulary: defaultdict[str, int] = defaultdict()
+        vocabulary.default_factory = vocabulary.__len__  # a new word gets the next id
+        words_flat = np.fromiter(
+            map(vocabulary.__getitem__, itertools.chain.from_iterable(split)),
+            dtype=np.int64,
+            count=int(lengths.sum()),
+        )
+        sentence_of_word = np.repeat(np.arange(len(split), dtype=np.int64), lengths)
         position_in_sentence = np.arange(len(words_flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
         entry_sentence, entry_gram, gram_order = [], [], []
@@ -151,15 +153,13 @@ class NgramTable:
                 pairs = np.where(valid, pairs, -1)
                 grams = _dense_ids(pairs)
             else:
-                valid = np.ones(len(grams), dtype=bool)
-                grams = _dense_ids(grams)
+                valid = np.ones(len(grams), dtype=bool)  # word ids are already dense: 0..vocabulary-1
             starts = np.flatnonzero(valid)
             distinct = int(grams[starts].max()) + 1 if len(starts) else 0
             entry_sentence.append(sentence_of_word[starts])
             entry_gram.append(grams[starts] + n_grams_so_far)
             gram_order.append(np.full(distinct, n - 1, dtype=np.int64))
             n_grams_so_far += distinct
-            grams = np.where(valid, grams, -1)[: len(grams)]
 
         sentence_ids = np.concatenate(entry_sentence) if entry_sentence else np.empty(0, np.int64)
         gram_ids = np.concatenate(entry_gram) if entry_gram else np.empty(0, np.int64)
@@ -285,7 +285,8 @@ def cider_d(table: NgramTable, sigma: float = CIDER_SIGMA) -> tuple[float, np.nd
     image = table.image_of_entries()
 
     # document frequency: the number of images whose references contain the gram
-    ref_pairs = np.unique(image[~is_hyp] * table.n_grams + table.entry_gram[~is_hyp])
+    ref_pairs = np.sort(image[~is_hyp] * table.n_grams + table.entry_gram[~is_hyp])
+    ref_pairs = ref_pairs[np.r_[True, ref_pairs[1:] != ref_pairs[:-1]]] if len(ref_pairs) else ref_pairs
     document_frequency = np.bincount(ref_pairs % max(table.n_grams, 1), minlength=table.n_grams)
     idf = np.log(float(n_images)) - np.log(np.maximum(1.0, document_frequency.astype(np.float64)))
     weight = table.entry_count * idf[table.entry_gram]
