@@ -71,7 +71,9 @@ def test_thinking_budget_must_leave_room_for_an_answer():
 
 
 def test_overrides_parse_as_yaml_values(tmp_path):
-    config = load_config(CaptionConfig, None, ["thinking=true", "top_k=5", "embedding=null", "prompt=Say: hi"])
+    config = load_config(
+        CaptionConfig, None, ["thinking=true", "top_k=5", "embedding=null", "prompt=Say: hi"]
+    )
     assert config.thinking is True and config.top_k == 5 and config.embedding is None
     assert config.prompt == "Say: hi"
     with pytest.raises(ConfigError, match="not key=value"):
