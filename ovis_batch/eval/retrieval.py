@@ -92,10 +92,11 @@ def first_positive_ranks(
     rows_per_slab = max(1, block_bytes // max(1, n_candidates * 4))
     max_positives = int((positive_end - positive_start).max()) if len(queries) else 0
     ranks = np.empty(len(queries), dtype=np.int64)
-    columns = np.arange(n_candidates)
     for lo in range(0, len(queries), rows_per_slab):
         hi = min(lo + rows_per_slab, len(queries))
-        slab = (queries[lo:hi] @ distinct.T)[:, inverse]  # (rows, candidates), identical vectors tie
+        slab = queries[lo:hi] @ distinct.T
+        if inverse is not None:  # back to one column per candidate: identical vectors score identically
+            slab = slab[:, inverse]
         starts, ends = positive_start[lo:hi], positive_end[lo:hi]
         # best positive: highest similarity, lowest index among equals
         offsets = np.arange(max_positives)[None, :]
@@ -103,11 +104,18 @@ def first_positive_ranks(
         positive_score = np.take_along_axis(slab, positive_index, axis=1)
         positive_score[offsets >= (ends - starts)[:, None]] = -np.inf
         best = positive_score.argmax(axis=1)  # first maximum
-        best_score = positive_score[np.arange(hi - lo), best]
-        best_index = positive_index[np.arange(hi - lo), best]
-        ahead = (slab > best_score[:, None]).sum(axis=1)
-        tied_before = ((slab == best_score[:, None]) & (columns[None, :] < best_index[:, None])).sum(axis=1)
-        ranks[lo:hi] = ahead + tied_before
+        rows = np.arange(hi - lo)
+        best_score = positive_score[rows, best][:, None]
+        best_index = positive_index[rows, best]
+        ahead = np.count_nonzero(slab > best_score, axis=1)
+        # candidates tying with the best positive rank before it when their index is lower; such ties are
+        # rare (mostly duplicated captions), so only the rows that have one pay for the index test
+        tied_rows = np.flatnonzero(np.count_nonzero(slab >= best_score, axis=1) - ahead > 1)
+        if len(tied_rows):
+            ties = slab[tied_rows] == best_score[tied_rows]
+            before = np.arange(n_candidates)[None, :] < best_index[tied_rows, None]
+            ahead[tied_rows] += np.count_nonzero(ties & before, axis=1)
+        ranks[lo:hi] = ahead
     return ranks
 
 
@@ -117,12 +125,32 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms == 0, 1, norms)
 
 
-def _distinct_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bit-identical rows collapsed: (distinct rows, index of each row's distinct row)."""
-    contiguous = np.ascontiguousarray(matrix)
-    as_bytes = contiguous.view(np.dtype((np.void, contiguous.dtype.itemsize * contiguous.shape[1])))
-    _, first, inverse = np.unique(as_bytes.ravel(), return_index=True, return_inverse=True)
+def _distinct_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bit-identical rows collapsed: (distinct rows, each row's distinct row), or (matrix, None) if none repeat.
+
+    Rows are grouped by an exact integer fingerprint of their bits (identical rows always share it), and
+    the grouping is then checked bit for bit, falling back to comparing whole rows on a collision.
+    """
+    contiguous = np.ascontiguousarray(matrix, dtype=np.float32)
+    bits = contiguous.view(np.uint32)
+    weights = _fingerprint_weights(bits.shape[1])
+    fingerprint = np.empty(len(bits), dtype=np.uint64)
+    for lo in range(0, len(bits), 1024):  # in row blocks, so the uint64 copy stays small
+        fingerprint[lo : lo + 1024] = (
+            bits[lo : lo + 1024].astype(np.uint64) @ weights
+        )  # wraps: fine for a hash
+    _, first, inverse = np.unique(fingerprint, return_index=True, return_inverse=True)
+    if len(first) == len(contiguous):
+        return contiguous, None
+    if not np.array_equal(bits, bits[first][inverse]):  # a fingerprint collision between different rows
+        as_bytes = contiguous.view(np.dtype((np.void, 4 * contiguous.shape[1]))).ravel()
+        _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
     return contiguous[first], inverse.ravel()
+
+
+def _fingerprint_weights(dim: int) -> np.ndarray:
+    """Odd 64-bit multipliers (fixed seed) of the row fingerprint."""
+    return np.random.default_rng(0).integers(1, 2**63, size=dim, dtype=np.uint64) | np.uint64(1)
 
 
 def _check(images: np.ndarray, texts: np.ndarray, text_image: np.ndarray) -> None:

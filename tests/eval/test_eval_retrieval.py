@@ -92,6 +92,22 @@ def test_memory_stays_bounded_by_the_block_size():
     assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB"
 
 
+def test_identical_rows_are_found_even_when_fingerprints_collide(monkeypatch):
+    from ovis_batch.eval import retrieval
+
+    rows = np.array([[1.0, 2.0], [2.0, 1.0], [1.0, 2.0], [3.0, 3.0]], dtype=np.float32)
+    distinct, inverse = retrieval._distinct_rows(rows)
+    np.testing.assert_array_equal(distinct[inverse], rows)
+    assert len(distinct) == 3
+    # all-ones weights: the fingerprint is the sum of the bits, so the two permuted rows collide
+    monkeypatch.setattr(retrieval, "_fingerprint_weights", lambda dim: np.ones(dim, dtype=np.uint64))
+    distinct, inverse = retrieval._distinct_rows(rows)
+    np.testing.assert_array_equal(distinct[inverse], rows)
+    assert len(distinct) == 3
+    distinct, inverse = retrieval._distinct_rows(rows[:2])  # a collision, but no repeat
+    np.testing.assert_array_equal(distinct[inverse], rows[:2])
+
+
 def test_bad_inputs_are_refused():
     images = np.eye(3, dtype=np.float32)
     with pytest.raises(ValueError, match="grouped by image"):
