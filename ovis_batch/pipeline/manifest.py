@@ -58,7 +58,11 @@ def find_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
         base = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         files = sorted(
-            i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and fnmatch.fnmatch(i.path, path)
+            and not i.base_name.startswith(("_", "."))
         )
     else:
         info = fs.get_file_info(path)
