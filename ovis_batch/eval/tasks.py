@@ -128,11 +128,11 @@ def _require_caption_column(predictions: Predictions) -> None:
         raise EvalInputError("predictions have no `caption` column, which holds the answers to score")
 
 
-def _bad_ids(ids: Sequence[str], what: str, fix: str) -> EvalInputError:
+def _bad_ids(ids: Sequence[str], what: str, fix: str, side: str = "references") -> EvalInputError:
     shown = ", ".join(repr(i) for i in list(ids)[:10]) + (
         f" and {len(ids) - 10} more" if len(ids) > 10 else ""
     )
-    return EvalInputError(f"{len(ids)} references {what}: {shown}. {fix}")
+    return EvalInputError(f"{len(ids)} {side} {what}: {shown}. {fix}")
 
 
 def _category_table(
@@ -429,7 +429,10 @@ def score_retrieval_task(
     missing = image_ids[~np.isfinite(image_vectors).all(axis=1)]
     if len(missing):
         raise _bad_ids(
-            list(missing), "(ok prediction rows) have no embedding", "Re-run them with embeddings enabled."
+            list(missing),
+            "have no embedding",
+            "Re-run them with embeddings enabled.",
+            side="ok prediction rows",
         )
     order = np.argsort(image_ids, kind="stable")
     image_ids, image_vectors = image_ids[order], image_vectors[order]

@@ -348,3 +348,17 @@ def test_evaluation_imports_neither_torch_nor_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_retrieval_names_ok_rows_without_embedding(tmp_path, capsys):
+    rows = [{"image_id": f"r{i}", "status": "ok", "caption": "x", "embedding": [1.0] * 8} for i in range(3)]
+    rows[1]["embedding"] = None
+    out = write_predictions(tmp_path / "o", rows, shards=1)
+    texts = write_text_embeddings(
+        tmp_path / "t.parquet", ["r0", "r1", "r2"], ["a", "b", "c"], np.ones((3, 8))
+    )
+    assert (
+        evaluate("--predictions", str(out), "--references", str(texts), "--report", str(tmp_path / "r")) == 2
+    )
+    message = capsys.readouterr().err
+    assert "1 ok prediction rows have no embedding: 'r1'" in message
