@@ -404,7 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    from ovis_batch.errors import UsageError
+
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as exc:  # the message says what was wrong and what to do: no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

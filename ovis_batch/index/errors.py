@@ -6,8 +6,10 @@ the message and exits with status 2 instead of a traceback. Internal invariants 
 
 from __future__ import annotations
 
+from ovis_batch.errors import UsageError
 
-class RetrievalIndexError(Exception):
+
+class RetrievalIndexError(UsageError):
     """Base class: a problem the user can fix (input, index folder, model), not a bug."""
 
 

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
+from ovis_batch.errors import UsageError
+
 SUPPORTED_MODEL_TYPES = ("ovis2_5", "ovis2")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Files a model source needs; never code.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint directory that cannot be used as it is; the message names the file and the fix."""
 
 

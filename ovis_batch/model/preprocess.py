@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from ovis_batch.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,7 +41,7 @@ MAX_ASPECT_RATIO = 200
 PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE  # one patch row: channel, y, x
 
 
-class ImageInputError(ValueError):
+class ImageInputError(UsageError, ValueError):
     """A problem with one image, reported as an error row rather than a crash.
 
     `error_type` is a short, stable snake_case tag stored in the `error_type` column (for example

@@ -19,10 +19,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ovis_batch.errors import UsageError
 from ovis_batch.pipeline.output import IdSet, as_keys, id_hashes
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError, ValueError):
     """A manifest that cannot be processed; the message names the file or column and what to do."""
 
 

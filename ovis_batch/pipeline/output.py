@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ovis_batch.errors import UsageError
+
 METADATA_KEY = b"ovis_batch"
 JOB_FILE = "_job.json"
 RUN_FILE = "_run.json"
@@ -39,7 +41,7 @@ TMP_DIR = "_tmp"
 SHARD_PREFIX = "part-"
 
 
-class OutputError(RuntimeError):
+class OutputError(UsageError, RuntimeError):
     """An output folder that cannot be used as asked; the message says why and what to do."""
 
 

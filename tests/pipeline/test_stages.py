@@ -184,3 +184,16 @@ def test_id_set_membership_matches_python_sets():
     got = IdSet(id_hashes(stored)).contains(id_hashes(queries))
     assert got.tolist() == [q in set(stored) for q in queries]
     assert not IdSet(id_hashes([])).contains(id_hashes(["x"])).any()
+
+
+def test_command_line_prints_usage_errors_without_a_traceback(tmp_path, capsys):
+    from ovis_batch.cli import main
+
+    code = main(
+        ["caption", "--manifest", str(tmp_path / "none.parquet"), "--output", str(tmp_path), "--model", "x"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: manifest") and "does not exist" in err and "Traceback" not in err
+    assert main(["caption", "--manifest", "m", "--output", "o", "--model", "x", "max_new_tokens=0"]) == 2
+    assert "max_new_tokens" in capsys.readouterr().err
