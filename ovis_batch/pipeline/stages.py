@@ -251,9 +251,6 @@ class CaptionPredictor:
         self.id_column, self.passthrough = id_column, passthrough
         self.generation, self.embedding, self.embedding_dim = generation, embedding, embedding_dim
         self.budget, self.max_rows = batch_visual_tokens, batch_rows
-        self.input_kind = (
-            "patches" if hasattr(self.model, "module") and hasattr(self.model.module, "vte") else "rgb"
-        )
 
     def _inputs(self, pixels: bytes, shape: list[int], grid: list[int] | None, sizes: list[int]) -> Any:
         array = np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
