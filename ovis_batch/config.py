@@ -126,28 +126,28 @@ class CaptionConfig(_Strict):
             raise ValueError(f"passthrough_columns must not repeat the id column {self.id_column!r}")
         return self
 
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `OvisModel.generate` that these settings fix."""
+        return self.model_dump(include=set(GENERATE_KEYS))
+
     def generation_settings(self) -> dict[str, Any]:
         """What decides the model's outputs (recorded in output metadata and compared on resume)."""
-        return self.model_dump(
-            include={
-                "prompt",
-                "prompt_column",
-                "max_new_tokens",
-                "thinking",
-                "thinking_budget",
-                "do_sample",
-                "temperature",
-                "top_p",
-                "top_k",
-                "repetition_penalty",
-                "seed",
-                "embedding",
-                "min_pixels",
-                "max_pixels",
-                "decode",
-                "dtype",
-            }
-        )
+        return self.model_dump(include=set(GENERATE_KEYS) | OUTPUT_DECIDING_KEYS)
+
+
+# Settings passed to the model's generate, and the other settings that decide what a row's output is.
+GENERATE_KEYS = (
+    "max_new_tokens",
+    "thinking",
+    "thinking_budget",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+)
+OUTPUT_DECIDING_KEYS = {"prompt", "prompt_column", "embedding", "min_pixels", "max_pixels", "decode", "dtype"}
 
 
 def parse_override(text: str) -> tuple[str, Any]:

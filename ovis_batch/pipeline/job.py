@@ -238,20 +238,7 @@ def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
         compute=ActorPoolStrategy(size=cfg.decode_workers),
         num_cpus=1,
     )
-    generation = {
-        k: getattr(cfg, k)
-        for k in (
-            "max_new_tokens",
-            "thinking",
-            "thinking_budget",
-            "do_sample",
-            "temperature",
-            "top_p",
-            "top_k",
-            "repetition_penalty",
-            "seed",
-        )
-    }
+    generation = cfg.generate_kwargs()
     embedding_dim = plan.metadata["embedding"]["dim"]
     ds = ds.map_batches(
         CaptionPredictor,
