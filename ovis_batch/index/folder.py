@@ -108,8 +108,12 @@ class IndexManifest(_Record):
 
     def provenance(self) -> EmbeddingProvenance:
         """The model, strategy and dimension every vector of this index shares."""
+        pixels = self.embedding.get("pixels")
         return EmbeddingProvenance(
-            ModelIdentity.from_dict(self.model), str(self.embedding["strategy"]), int(self.embedding["dim"])
+            ModelIdentity.from_dict(self.model),
+            str(self.embedding["strategy"]),
+            int(self.embedding["dim"]),
+            tuple(pixels) if pixels else None,
         )
 
     @property
@@ -129,7 +133,8 @@ def new_manifest(
         "created_at": now,
         "updated_at": now,
         "model": provenance.model.to_dict(),
-        "embedding": {"strategy": provenance.strategy, "dim": provenance.dim},
+        "embedding": {"strategy": provenance.strategy, "dim": provenance.dim}
+        | ({"pixels": list(provenance.pixels)} if provenance.pixels else {}),
         "id_column": id_column,
         "kind": kind,
         "requested_kind": requested_kind,

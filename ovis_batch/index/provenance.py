@@ -78,6 +78,8 @@ class EmbeddingProvenance:
     model: ModelIdentity
     strategy: str
     dim: int
+    # (min_pixels, max_pixels) the images were embedded at: query images must be preprocessed the same way
+    pixels: tuple[int, int] | None = None
 
     def differences(self, other: EmbeddingProvenance) -> list[str]:
         """Why vectors with provenance `other` cannot share an index with these; empty when they can."""
@@ -97,6 +99,8 @@ class EmbeddingProvenance:
         payload = dict(extra or {})
         payload["model"] = self.model.to_dict()
         payload["embedding"] = {"strategy": self.strategy, "dim": self.dim}
+        if self.pixels:
+            payload.setdefault("generation", {}).update(min_pixels=self.pixels[0], max_pixels=self.pixels[1])
         return {METADATA_KEY: json.dumps(payload, sort_keys=True).encode()}
 
 
@@ -114,10 +118,17 @@ def provenance_from_metadata(metadata: dict[bytes, bytes] | None, source: str) -
         embedding = payload["embedding"]
         if not isinstance(embedding, dict):
             raise TypeError("'embedding' is not an object")
+        generation = payload.get("generation") or {}
+        pixels = (
+            (int(generation["min_pixels"]), int(generation["max_pixels"]))
+            if "min_pixels" in generation and "max_pixels" in generation
+            else None
+        )
         return EmbeddingProvenance(
             model=ModelIdentity.from_dict(model),
             strategy=str(embedding["strategy"]),
             dim=int(embedding["dim"]),
+            pixels=pixels,
         )
     except (ValueError, KeyError, TypeError) as err:
         raise EmbeddingInputError(

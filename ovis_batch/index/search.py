@@ -114,7 +114,13 @@ def model_query_embedder(
     import ovis_batch
 
     try:
-        model = ovis_batch.load_model(source, device=device)
+        # Query images are preprocessed at the pixel limits the indexed images were embedded at.
+        pixels = (
+            dict(zip(("min_pixels", "max_pixels"), provenance.pixels, strict=True))
+            if provenance.pixels
+            else {}
+        )
+        model = ovis_batch.load_model(source, device=device, **pixels)
     except (ImportError, OSError, ValueError, RuntimeError) as err:
         raise RetrievalIndexError(
             f"cannot load the query model {source}: {type(err).__name__}: {err}. Pass --model with the "
