@@ -313,27 +313,22 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ovis_batch.eval.data import EvalInputError
     from ovis_batch.eval.options import EvaluateOptions
     from workflows.evaluate import evaluate
 
-    try:
-        options = EvaluateOptions(
-            predictions=args.predictions,
-            references=args.references,
-            report_dir=args.report,
-            task=args.task,
-            compare=args.compare,
-            allow_partial=args.allow_partial,
-            id_column=args.id_column,
-            tokenizer=args.tokenizer,
-            meteor=not args.no_meteor,
-            block_mib=args.block_mib,
-        )
-        document = evaluate(options)
-    except EvalInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    options = EvaluateOptions(
+        predictions=args.predictions,
+        references=args.references,
+        report_dir=args.report,
+        task=args.task,
+        compare=args.compare,
+        allow_partial=args.allow_partial,
+        id_column=args.id_column,
+        tokenizer=args.tokenizer,
+        meteor=not args.no_meteor,
+        block_mib=args.block_mib,
+    )
+    document = evaluate(options)  # bad inputs raise EvalInputError, a UsageError: main prints it, exit 2
     for name, entry in document["metrics"].items():
         value = "skipped" if entry["value"] is None else f"{entry['value']:.4f}"
         print(f"{name:>24}  {value}")

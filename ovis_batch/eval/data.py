@@ -30,6 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ovis_batch.errors import UsageError
+
 DEFAULT_ID_COLUMN = "image_id"
 PREDICTION_TEXT_COLUMNS = ("caption", "reasoning", "error_type", "error_message")
 PREDICTION_COLUMNS = (
@@ -43,7 +45,7 @@ PREDICTION_COLUMNS = (
 STATUSES = ("ok", "error")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UsageError, ValueError):
     """The evaluation inputs are wrong; the message names the file or ids and says what to do."""
 
 

@@ -383,14 +383,26 @@ def _delta(entry: Mapping[str, Any] | None) -> str:
 
 
 def _model_line(metadata: Mapping[str, Any]) -> str:
-    if not metadata:
-        return "(no metadata in the prediction files)"
-    shown = []
-    for key in ("model", "model_name", "revision", "weights_hash", "prompt", "package_version"):
-        if key in metadata:
-            value = metadata[key]
-            shown.append(f"{key}: {json.dumps(value) if not isinstance(value, str) else value}")
-    return "; ".join(shown) if shown else ", ".join(sorted(metadata)[:8])
+    """What produced the predictions, from the batch job's `ovis_batch` Parquet metadata."""
+    job = metadata.get("ovis_batch")
+    if not isinstance(job, Mapping):
+        return "(no ovis_batch metadata in the prediction files)"
+    model = job.get("model") or {}
+    shown = [str(model.get("name", "?"))]
+    if model.get("revision"):
+        shown.append(f"revision {model['revision']}")
+    if model.get("weights_sha256"):
+        shown.append(f"weights {str(model['weights_sha256'])[:12]}")
+    if model.get("random_weights"):
+        shown.append("RANDOM WEIGHTS")
+    if job.get("prompt"):
+        shown.append(f"prompt {json.dumps(job['prompt'])}")
+    embedding = job.get("embedding") or {}
+    if embedding.get("strategy"):
+        shown.append(f"embedding {embedding['strategy']} (dim {embedding.get('dim')})")
+    if job.get("package_version"):
+        shown.append(f"ovis-batch {job['package_version']}")
+    return "; ".join(shown)
 
 
 def _finite(value: Any) -> Any:

@@ -10,6 +10,9 @@ with the same model and embedding strategy as the images (`ovis-batch embed-text
 | `caption` | string | the reference caption text |
 | `embedding` | fixed-size list of float32 (or list of float32) | its embedding, L2-normalised |
 
+Both files carry the `ovis_batch` key-value metadata (model weights fingerprint, embedding strategy);
+the evaluation refuses to compare image and text embeddings whose model or strategy differ.
+
 Similarity is the cosine (both sides are L2-normalised again here, a no-op for contract-conforming
 inputs). A query counts as found at k when any of its positives is among the k most similar candidates:
 image -> text, the positives are the image's captions; text -> image, the one image it describes.

@@ -422,6 +422,7 @@ def score_retrieval_task(
     table = text_embeddings.table
     if "embedding" not in table.column_names:
         raise EvalInputError("the text embeddings Parquet has no `embedding` column")
+    provenance_note = _same_embedding_space(predictions.metadata, text_embeddings.metadata)
     frame = predictions.frame
     keep = frame["id"].isin(match.shared).to_numpy() & (frame["status"] == "ok").to_numpy()
     image_ids = frame["id"].to_numpy()[keep]
@@ -468,7 +469,8 @@ def score_retrieval_task(
     items = pd.DataFrame({"id": image_ids, "category": NO_CATEGORY, "image_to_text_rank": result.image_ranks})
     notes = [
         f"exact cosine search over {len(image_ids)} images and {len(text_ids)} captions; "
-        "ties broken by candidate order (images by id, captions by image id then file order)"
+        "ties broken by candidate order (images by id, captions by image id then file order)",
+        provenance_note,
     ]
     rows = _Rows(
         pd.DataFrame({"id": image_ids}),
@@ -477,6 +479,27 @@ def score_retrieval_task(
     return TaskResult(
         "retrieval", metrics, [], {}, items, _counts(match, rows, texts=len(text_ids)), notes=notes
     )
+
+
+def _same_embedding_space(image_metadata: dict, text_metadata: dict) -> str:
+    """Refuse image and text embeddings from different models or strategies; say what was checked."""
+    image_job, text_job = image_metadata.get("ovis_batch"), text_metadata.get("ovis_batch")
+    if not isinstance(image_job, dict) or not isinstance(text_job, dict):
+        missing = "predictions" if not isinstance(image_job, dict) else "text embeddings"
+        return f"model and embedding strategy not checked: the {missing} carry no ovis_batch metadata"
+    sides = {}
+    for side, job in (("images", image_job), ("texts", text_job)):
+        sides[side] = (
+            (job.get("model") or {}).get("weights_sha256"),
+            (job.get("embedding") or {}).get("strategy"),
+        )
+    if sides["images"] != sides["texts"]:
+        raise EvalInputError(
+            "image and text embeddings come from different models or strategies (weights sha256, strategy): "
+            f"images {sides['images']}, texts {sides['texts']}. Embed the captions with the model and "
+            "strategy of the batch job (ovis-batch embed-texts --model ... --strategy ...)"
+        )
+    return f"image and text embeddings share model weights and strategy ({sides['images'][1]})"
 
 
 def _reference_frame(references: ParquetSource, needed: Sequence[str]) -> pd.DataFrame:

@@ -15,7 +15,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 EMBEDDING_DIM = 8
-METADATA = {"model": "tiny-ovis (random weights)", "revision": "test", "prompt": "Describe the image."}
+# what the caption job writes under the `ovis_batch` key (ovis_batch/pipeline/job.py)
+METADATA = {
+    "format_version": 1,
+    "package_version": "0.1.0",
+    "model": {
+        "name": "tiny-ovis",
+        "revision": None,
+        "weights_sha256": "ab12" * 16,
+        "model_type": "ovis2_5",
+        "random_weights": True,
+    },
+    "generation": {"max_new_tokens": 64, "do_sample": False},
+    "prompt": "Describe the image.",
+    "embedding": {"strategy": "last_token", "dim": EMBEDDING_DIM},
+    "id_column": "image_id",
+}
 
 
 def contract_schema(dim: int = EMBEDDING_DIM) -> pa.Schema:
@@ -38,7 +53,7 @@ def contract_schema(dim: int = EMBEDDING_DIM) -> pa.Schema:
             ("output_tokens", pa.int32()),
             ("reasoning_tokens", pa.int32()),
         ],
-        metadata={k: json.dumps(v) for k, v in METADATA.items()},
+        metadata={"ovis_batch": json.dumps(METADATA, sort_keys=True)},
     )
 
 
@@ -88,8 +103,10 @@ def write_references(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_text_embeddings(path: Path, ids: list[str], captions: list[str], vectors: np.ndarray) -> Path:
-    """The text embeddings Parquet format of `ovis_batch.eval.retrieval`."""
+def write_text_embeddings(
+    path: Path, ids: list[str], captions: list[str], vectors: np.ndarray, metadata: dict | None = None
+) -> Path:
+    """The text embeddings Parquet format of `ovis_batch.eval.retrieval` (as `ovis-batch embed-texts`)."""
     table = pa.table(
         {
             "image_id": pa.array(ids, pa.string()),
@@ -99,6 +116,8 @@ def write_text_embeddings(path: Path, ids: list[str], captions: list[str], vecto
             ),
         }
     )
+    if metadata is not None:
+        table = table.replace_schema_metadata({"ovis_batch": json.dumps(metadata, sort_keys=True)})
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from eval_case_data import VARIED_CAPTIONS
-from eval_outputs import write_predictions, write_references, write_text_embeddings
+from eval_outputs import METADATA, write_predictions, write_references, write_text_embeddings
 
 from ovis_batch.cli import main
 from ovis_batch.eval.answers import vqa_accuracy
@@ -83,7 +83,7 @@ def test_captions_report_is_complete_and_consistent(tmp_path):
 
     assert metrics["task"] == "captions"
     assert metrics["inputs"]["prediction_files"] == 3  # _run.json and the hidden temporary part are skipped
-    assert metrics["inputs"]["prediction_metadata"]["model"] == "tiny-ovis (random weights)"
+    assert metrics["inputs"]["prediction_metadata"]["ovis_batch"]["model"]["name"] == "tiny-ovis"
     assert metrics["counts"]["scored"] == len(VARIED_CAPTIONS)
     assert metrics["counts"]["error_rows_excluded"] == len(ERRORS)
     assert metrics["errors_by_type"] == {"decode_error": 2, "too_small": 1}
@@ -112,7 +112,8 @@ def test_captions_report_is_complete_and_consistent(tmp_path):
     ).corpus
     assert with_errors_as_empty["CIDEr-D"] != pytest.approx(expected["CIDEr-D"], abs=1e-6)
 
-    # report.md shows the metrics.json values and links plots that exist
+    # report.md says what produced the predictions, shows the metrics.json values, links plots that exist
+    assert "tiny-ovis; weights ab12ab12ab12; RANDOM WEIGHTS" in markdown
     for name, entry in metrics["metrics"].items():
         shown = "skipped" if entry["value"] is None else f"{entry['value']:.4f}"
         assert re.search(rf"\| {re.escape(name)}\s+\|\s+{re.escape(shown)} \|", markdown), name
@@ -327,6 +328,7 @@ def test_retrieval_report(tmp_path):
         ids,
         [f"caption {j}" for j in order] + ["lost"],
         np.vstack([texts[order], texts[:1]]),
+        metadata=METADATA,
     )
     report = tmp_path / "ret-report"
     args = ["--predictions", str(out), "--references", str(emb), "--report", str(report), "--block-mib", "1"]
@@ -339,6 +341,23 @@ def test_retrieval_report(tmp_path):
         assert metrics["metrics"][f"text->image R@{k}"]["value"] == pytest.approx(expected.text_to_image[k])
     assert metrics["counts"]["error_rows_excluded"] == 1
     assert "plots/recall.png" in markdown and (report / "plots" / "recall.png").exists()
+    assert "share model weights and strategy (last_token)" in markdown
+
+
+def test_retrieval_refuses_texts_embedded_another_way(tmp_path, capsys):
+    rows = [
+        {"image_id": f"r{i}", "status": "ok", "caption": "x", "embedding": [float(i)] * 8} for i in range(3)
+    ]
+    out = write_predictions(tmp_path / "o", rows, shards=1)
+    other = dict(METADATA, embedding={"strategy": "vte_mean", "dim": 8})
+    texts = write_text_embeddings(
+        tmp_path / "t.parquet", ["r0", "r1", "r2"], ["a", "b", "c"], np.eye(3, 8), other
+    )
+    assert (
+        evaluate("--predictions", str(out), "--references", str(texts), "--report", str(tmp_path / "r")) == 2
+    )
+    message = capsys.readouterr().err
+    assert "different models or strategies" in message and "'vte_mean'" in message
 
 
 def test_evaluation_imports_neither_torch_nor_ray():
