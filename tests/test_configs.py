@@ -20,7 +20,11 @@ def settings_class(path: Path):
         from ovis_batch.index.settings import IndexSettings
 
         return IndexSettings
-    if command in ("evaluate", "finetune"):
+    if command == "finetune":
+        from ovis_batch.train.settings import FinetuneConfig
+
+        return FinetuneConfig
+    if command == "evaluate":
         pytest.skip(f"{path.name}: validated by its own command's tests")
     raise AssertionError(f"{path.name}: no settings class is known for it; add it to settings_class()")
 
