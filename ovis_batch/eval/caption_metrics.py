@@ -85,7 +85,7 @@ def score_captions(
         per_image[f"BLEU-{order}"] = values
 
     if not with_meteor:
-        skipped["METEOR"] = "disabled"
+        skipped["METEOR"] = "not computed: disabled (--no-meteor)"
     else:
         meteor_result = meteor(hypotheses, references)
         if isinstance(meteor_result, str):
@@ -385,18 +385,18 @@ def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tu
     import shutil
 
     if shutil.which("java") is None:
-        return "skipped: METEOR needs Java (no `java` on PATH)"
+        return "not computed: METEOR needs Java (no `java` on PATH)"
     try:
         from pycocoevalcap.meteor.meteor import Meteor
     except ImportError:
-        return "skipped: METEOR needs the `pycocoevalcap` package, which is not installed"
+        return "not computed: METEOR needs the `pycocoevalcap` package, which is not installed"
     gts = {i: list(refs) for i, refs in enumerate(references)}
     res = {i: [hypothesis] for i, hypothesis in enumerate(hypotheses)}
     try:
         scorer = Meteor()
         score, scores = scorer.compute_score(gts, res)
     except (OSError, ValueError) as err:  # the JVM did not start, or died and answered nothing
-        return f"skipped: METEOR failed ({type(err).__name__}: {err})"
+        return f"not computed: METEOR failed ({type(err).__name__}: {err})"
     finally:
         scorer = None  # the wrapper's __del__ stops its Java process
     return float(score), np.asarray(scores, dtype=np.float64)

@@ -221,8 +221,6 @@ def score_captions_task(
         f"of the {n} scored images; per-category BLEU-4 is corpus BLEU over the category, per-category "
         "ROUGE-L and CIDEr-D are means of per-image scores"
     ]
-    if "METEOR" in scores.skipped:
-        notes.append(f"METEOR {scores.skipped['METEOR']}")
     return TaskResult(
         "captions",
         metrics,

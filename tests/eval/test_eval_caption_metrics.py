@@ -198,7 +198,7 @@ def test_scores_equal_pycocoevalcap_scorers(name):
     for metric, value in expected.items():
         assert scores.corpus[metric] == pytest.approx(value, abs=TOLERANCE), metric
         np.testing.assert_allclose(scores.per_image[metric], expected_images[metric], rtol=0, atol=TOLERANCE)
-    assert scores.skipped == {"METEOR": "disabled"}
+    assert scores.skipped == {"METEOR": "not computed: disabled (--no-meteor)"}
 
 
 @pytest.mark.skipif(java_available() is not None, reason=f"needs Java: {java_available()}")
@@ -258,7 +258,7 @@ def test_meteor_failure_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/java")
     hyps, refs = caption_sets()["varied"]
     scores = cm.score_captions(hyps, refs, with_meteor=True)
-    assert scores.skipped["METEOR"].startswith("skipped: METEOR failed (ValueError")
+    assert scores.skipped["METEOR"].startswith("not computed: METEOR failed (ValueError")
     assert "CIDEr-D" in scores.corpus
 
 
