@@ -42,6 +42,16 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ovis_batch.model.base import (
+    RowOutput,
+    SamplingSettings,
+    VisionLanguageModel,
+    check_strategy,
+    check_texts,
+    cut_at_end,
+    l2_normalize,
+    prompt_list,
+)
 from ovis_batch.model.checkpoint import CheckpointError, weight_files, weights_fingerprint
 from ovis_batch.model.preprocess import (
     DEFAULT_MAX_PIXELS,
@@ -53,12 +63,6 @@ from ovis_batch.model.preprocess import (
     validate_pixel_limits,
 )
 from ovis_batch.model.prompts import IMAGE_SUMMARY_PROMPT, TEXT_SUMMARY_PROMPT
-from ovis_batch.model.runtime import (
-    GenerationResult,
-    SamplingSettings,
-    _check_strategy,
-    l2_normalize,
-)
 
 ImageLike = PIL.Image.Image | np.ndarray
 IMAGE_TAG = "<image>"  # what the chat template writes for an image; the processor expands it
@@ -82,8 +86,10 @@ class Ovis2Input:
         return int(self.pixel_values.shape[0])
 
 
-class Ovis2Model:
+class Ovis2Model(VisionLanguageModel):
     """One resident Ovis2 model (transformers' native classes) behind the runtime API of `OvisModel`."""
+
+    model_type = "ovis2"
 
     def __init__(
         self,
@@ -151,16 +157,7 @@ class Ovis2Model:
         return self.module.config.text_config.hidden_size
 
     def model_info(self) -> dict[str, Any]:
-        """What output metadata records so that any output can be traced to the weights that made it."""
-        return {
-            "name": self.name,
-            "revision": self.revision,
-            "weights_sha256": self.weights_sha256,
-            "model_type": "ovis2",
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "hidden_size": self.hidden_size,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
+        return super().model_info() | {
             "tile_size": self.tile_width,
             "max_tiles": self.max_tiles(self.max_pixels),
         }
@@ -230,10 +227,8 @@ class Ovis2Model:
     @torch.inference_mode()
     def visual_embeddings(self, image: ImageLike) -> torch.Tensor:
         """The embeddings spliced in for one image's `<IMG_ATOM>` tokens: float32 `[tokens, hidden]`, CPU."""
-        (prepared,) = self.prepare([image])
-        if isinstance(prepared, ImageInputError):
-            raise prepared
-        (visual,) = self._per_image(self._image_features([prepared]), [prepared])
+        prepared = self.prepare_or_raise([image])
+        (visual,) = self._per_image(self._image_features(prepared), prepared)
         return visual.float().cpu()
 
     # ------------------------------------------------------------------------------------------ prompts
@@ -294,118 +289,59 @@ class Ovis2Model:
 
     # ------------------------------------------------------------------------------------------ generate
 
-    def generate(
-        self,
-        images: Sequence[ImageLike],
-        prompts: str | Sequence[str],
-        *,
-        max_new_tokens: int = 512,
-        thinking: bool = False,
-        thinking_budget: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 0.6,
-        top_p: float = 0.95,
-        top_k: int = 20,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        embedding: str | None = None,
-    ) -> list[GenerationResult]:
-        """Answer each (image, prompt); `embedding` also fills `.embedding` from the same vision pass."""
-        sampling = SamplingSettings(do_sample, temperature, top_p, top_k, repetition_penalty, seed)
-        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-        if len(prompt_list) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(prompt_list)} prompts")
+    def _check_generation(self, max_new_tokens: int, thinking: bool, thinking_budget: int | None) -> None:
+        super()._check_generation(max_new_tokens, thinking, thinking_budget)
         _check_no_thinking(thinking)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if embedding is not None:
-            _check_strategy(embedding)
-        prepared = self.prepare(images, min_pixels, max_pixels)
-        results = [_result_for(p) for p in prepared]
-        good = [i for i, p in enumerate(prepared) if isinstance(p, Ovis2Input)]
-        if not good:
-            return results
-        inputs = [prepared[i] for i in good]
-        rows = [self._prompt_ids(prompt_list[i], prepared[i]) for i in good]
-        with torch.inference_mode():
-            features = self._image_features(inputs)
-            outputs = self._generate_rows(rows, features, max_new_tokens, sampling)
-            vectors = self._image_vectors(embedding, inputs, features) if embedding else None
-        for k, i in enumerate(good):
-            result = results[i]
-            result.prompt_tokens = len(rows[k])
-            ids = outputs[k]
-            result.token_ids = ids
-            result.output_tokens = len(ids)
-            result.finish_reason = "stop" if ids and ids[-1] in self.end_ids else "length"
-            result.text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            if vectors is not None:
-                result.embedding = vectors[k]
-        return results
+
+    def _generate_prepared(
+        self,
+        prepared: list[Ovis2Input],
+        prompts: list[str],
+        *,
+        max_new_tokens: int,
+        thinking: bool,
+        thinking_budget: int | None,
+        sampling: SamplingSettings,
+        embedding: str | None,
+    ) -> tuple[list[RowOutput], np.ndarray | None]:
+        rows = [self._prompt_ids(text, x) for text, x in zip(prompts, prepared, strict=True)]
+        features = self._image_features(prepared)
+        outputs = self._generate_rows(rows, features, max_new_tokens, sampling)
+        vectors = self._image_vectors(embedding, prepared, features) if embedding else None
+        return [RowOutput(len(r), ids) for r, ids in zip(rows, outputs, strict=True)], vectors
 
     def _generate_rows(
         self, rows: Sequence[list[int]], features, max_new_tokens: int, sampling: SamplingSettings
     ) -> list[list[int]]:
         """New token ids per row, each cut after its first end token (stopping token kept)."""
-        from transformers import GenerationConfig
-
         ids, mask = self._left_pad(rows)
-        settings: dict[str, Any] = {
-            "do_sample": sampling.do_sample,
-            # explicit, so that a checkpoint's generation_config.json cannot slip a penalty in
-            "repetition_penalty": sampling.repetition_penalty or 1.0,
-        }
-        if sampling.do_sample:
-            settings.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, eos_token_id=self.end_ids, pad_token_id=self.pad_id, **settings
-        )
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
+        config = sampling.generation_config(max_new_tokens, self.end_ids, self.pad_id)
+        with sampling.rng(self.device):
             out = self.module.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 mm_encoder_outputs={"image": features},
                 generation_config=config,
             )
-        new = []
-        for row in out[:, ids.shape[1] :].tolist():
-            for j, tok in enumerate(row):
-                if tok in self.end_ids:
-                    row = row[: j + 1]
-                    break
-            new.append(row)
-        return new
+        return cut_at_end(out[:, ids.shape[1] :].tolist(), self.end_ids)
 
     def next_token_logits(
         self, images: Sequence[ImageLike], prompts: str | Sequence[str], *, thinking: bool = False
     ) -> torch.Tensor:
         """float32 `[n, vocab]` logits of the first answer token, batched with left padding. Bad images raise."""
         _check_no_thinking(thinking)
-        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-        if len(prompt_list) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(prompt_list)} prompts")
-        inputs = self._prepare_or_raise(images)
-        rows = [self._prompt_ids(p, x) for p, x in zip(prompt_list, inputs, strict=True)]
+        texts = prompt_list(images, prompts)
+        inputs = self.prepare_or_raise(images)
+        rows = [self._prompt_ids(p, x) for p, x in zip(texts, inputs, strict=True)]
         with torch.inference_mode():
             return self._forward(rows, self._image_features(inputs), logits=True).float().cpu()
-
-    def _prepare_or_raise(self, images: Sequence[ImageLike]) -> list[Ovis2Input]:
-        prepared = self.prepare(images)
-        for i, p in enumerate(prepared):
-            if isinstance(p, ImageInputError):
-                raise ImageInputError(p.error_type, f"image {i}: {p}")
-        return prepared  # type: ignore[return-value]  # no errors left
 
     # ------------------------------------------------------------------------------------------ embeddings
 
     def embed_images(self, images: Sequence[ImageLike], strategy: str = "last_token") -> np.ndarray:
         """float32 `[n, hidden]`, L2-normalised. A bad image raises its ImageInputError (naming its index)."""
-        _check_strategy(strategy)
-        inputs = self._prepare_or_raise(images)
+        check_strategy(strategy)
+        inputs = self.prepare_or_raise(images)
         if not inputs:
             return np.zeros((0, self.hidden_size), np.float32)
         with torch.inference_mode():
@@ -413,10 +349,8 @@ class Ovis2Model:
 
     def embed_texts(self, texts: Sequence[str], strategy: str = "last_token") -> np.ndarray:
         """float32 `[n, hidden]`, L2-normalised, in the same space as `embed_images` with that strategy."""
-        _check_strategy(strategy)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"text {i} is empty: an embedding needs some text")
+        check_strategy(strategy)
+        check_texts(texts)
         if not texts:
             return np.zeros((0, self.hidden_size), np.float32)
         with torch.inference_mode():
@@ -449,20 +383,6 @@ def _check_no_thinking(thinking: bool) -> None:
             "Ovis2 has no thinking mode: pass thinking=False (thinking and thinking_budget apply to "
             "Ovis2.5 checkpoints only)"
         )
-
-
-def _result_for(prepared: Ovis2Input | ImageInputError) -> GenerationResult:
-    if isinstance(prepared, ImageInputError):
-        return GenerationResult(
-            finish_reason="error", error_type=prepared.error_type, error_message=str(prepared)
-        )
-    return GenerationResult(
-        visual_tokens=prepared.visual_tokens,
-        width=prepared.width,
-        height=prepared.height,
-        input_width=prepared.input_width,
-        input_height=prepared.input_height,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -25,14 +25,24 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 
+from ovis_batch.model.base import (
+    EMBEDDING_STRATEGIES,
+    GenerationResult,
+    RowOutput,
+    SamplingSettings,
+    VisionLanguageModel,
+    check_strategy,
+    check_texts,
+    cut_at_end,
+    l2_normalize,
+    prompt_list,
+)
 from ovis_batch.model.checkpoint import (
     CheckpointError,
     chat_template,
@@ -52,52 +62,8 @@ from ovis_batch.model.preprocess import (
 )
 from ovis_batch.model.prompts import IMAGE_SUMMARY_PROMPT, TEXT_SUMMARY_PROMPT, PromptBuilder
 
-EMBEDDING_STRATEGIES = ("last_token", "vte_mean")
+__all__ = ["EMBEDDING_STRATEGIES", "GenerationResult", "OvisModel", "SamplingSettings", "load_model"]
 ImageLike = PIL.Image.Image | np.ndarray | PreparedImage
-
-
-@dataclass
-class GenerationResult:
-    """One item's output. `error_type`/`error_message` are set (and the rest empty) when it failed."""
-
-    text: str = ""
-    reasoning: str | None = None
-    thinking_truncated: bool = False
-    token_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    finish_reason: str = "stop"  # "stop" (end token), "length" (max_new_tokens), "error"
-    visual_tokens: int = 0
-    width: int = 0
-    height: int = 0
-    input_width: int = 0
-    input_height: int = 0
-    embedding: np.ndarray | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error_type is None
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    do_sample: bool = False
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    repetition_penalty: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def default_device() -> str:
@@ -109,13 +75,10 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def l2_normalize(x: torch.Tensor) -> np.ndarray:
-    x = x.float()
-    return (x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)).cpu().numpy().astype(np.float32)
-
-
-class OvisModel:
+class OvisModel(VisionLanguageModel):
     """One resident Ovis2.5 model with its tokenizer, prompts and preprocessing settings."""
+
+    model_type = "ovis2_5"
 
     def __init__(
         self,
@@ -133,13 +96,13 @@ class OvisModel:
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, template)
         self.special = self.prompts.special
+        self.end_ids = [self.special.im_end, self.special.pad]
+        self.think_start_id, self.think_end_id = self.special.think_start, self.special.think_end
         self.name = name
         self.revision = revision
         self.weights_sha256 = weights_sha256
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
-        vit = module.config.vit_config
-        self.patch_size, self.hidden_stride = vit.patch_size, vit.hidden_stride
 
     # ------------------------------------------------------------------------------------------ identity
 
@@ -154,19 +117,6 @@ class OvisModel:
     @property
     def hidden_size(self) -> int:
         return self.module.config.llm_config.hidden_size
-
-    def model_info(self) -> dict[str, Any]:
-        """What output metadata records so that any output can be traced to the weights that made it."""
-        return {
-            "name": self.name,
-            "revision": self.revision,
-            "weights_sha256": self.weights_sha256,
-            "model_type": "ovis2_5",
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "hidden_size": self.hidden_size,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
-        }
 
     # ------------------------------------------------------------------------------------------ images
 
@@ -197,63 +147,18 @@ class OvisModel:
         patches = patches.to(self.device, non_blocking=True)
         return normalize_patches(patches, self.dtype), [tuple(p.grid_thw) for p in prepared]
 
+    def _visual(self, prepared: Sequence[PreparedImage]) -> list[torch.Tensor]:
+        """One packed vision pass; the VTE embeddings of each image, `[visual tokens, hidden]`."""
+        pixels, grids = self._pack(prepared)
+        return list(self.module.visual_embeddings(pixels, grids).split([p.visual_tokens for p in prepared]))
+
     @torch.inference_mode()
     def visual_embeddings(self, image: ImageLike) -> torch.Tensor:
         """VTE output for one image: float32 `[visual tokens, hidden]` on the CPU."""
-        (prepared,) = self.prepare([image])
-        if isinstance(prepared, ImageInputError):
-            raise prepared
-        pixels, grids = self._pack([prepared])
-        return self.module.visual_embeddings(pixels, grids).float().cpu()
+        (visual,) = self._visual(self.prepare_or_raise([image]))
+        return visual.float().cpu()
 
     # ------------------------------------------------------------------------------------------ generate
-
-    def generate(
-        self,
-        images: Sequence[ImageLike],
-        prompts: str | Sequence[str],
-        *,
-        max_new_tokens: int = 512,
-        thinking: bool = False,
-        thinking_budget: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 0.6,
-        top_p: float = 0.95,
-        top_k: int = 20,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        embedding: str | None = None,
-    ) -> list[GenerationResult]:
-        """Answer each (image, prompt); `embedding` also fills `.embedding` from the same vision pass."""
-        sampling = SamplingSettings(do_sample, temperature, top_p, top_k, repetition_penalty, seed)
-        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-        if len(prompt_list) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(prompt_list)} prompts")
-        self._check_budget(max_new_tokens, thinking, thinking_budget)
-        if embedding is not None:
-            _check_strategy(embedding)
-        prepared = self.prepare(images, min_pixels, max_pixels)
-        results = [_result_for(p) for p in prepared]
-        good = [i for i, p in enumerate(prepared) if isinstance(p, PreparedImage)]
-        if not good:
-            return results
-        with torch.inference_mode():
-            pixels, grids = self._pack([prepared[i] for i in good])
-            visual = self.module.visual_embeddings(pixels, grids)
-            per_image = visual.split([prepared[i].visual_tokens for i in good])
-            rows = [self.prompts.build(prompt_list[i], prepared[i].visual_tokens, thinking) for i in good]
-            prompt_embeds = [self._embed_row(ids, vis) for ids, vis in zip(rows, per_image, strict=True)]
-            outputs = self._generate_rows(prompt_embeds, max_new_tokens, thinking, thinking_budget, sampling)
-            vectors = self._image_vectors(embedding, per_image) if embedding else None
-        for k, i in enumerate(good):
-            result = results[i]
-            result.prompt_tokens = len(rows[k])
-            self._fill(result, outputs[k], thinking)
-            if vectors is not None:
-                result.embedding = vectors[k]
-        return results
 
     def next_token_logits(
         self, images: Sequence[ImageLike], prompts: str | Sequence[str], *, thinking: bool = False
@@ -262,19 +167,12 @@ class OvisModel:
 
         For scoring (e.g. the likelihood of each choice letter) and for parity checks. Bad images raise.
         """
-        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-        prepared = self.prepare(images)
-        for i, p in enumerate(prepared):
-            if isinstance(p, ImageInputError):
-                raise ImageInputError(p.error_type, f"image {i}: {p}")
+        texts = prompt_list(images, prompts)
+        prepared = self.prepare_or_raise(images)
         with torch.inference_mode():
-            pixels, grids = self._pack(prepared)
-            per_image = self.module.visual_embeddings(pixels, grids).split(
-                [p.visual_tokens for p in prepared]
-            )
             rows = [
                 self._embed_row(self.prompts.build(text, p.visual_tokens, thinking), v)
-                for text, p, v in zip(prompt_list, prepared, per_image, strict=True)
+                for text, p, v in zip(texts, prepared, self._visual(prepared), strict=True)
             ]
             embeds, mask = self._left_pad(rows)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -283,9 +181,8 @@ class OvisModel:
             )
             return out.logits[:, -1].float().cpu()
 
-    def _check_budget(self, max_new_tokens: int, thinking: bool, thinking_budget: int | None) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    def _check_generation(self, max_new_tokens: int, thinking: bool, thinking_budget: int | None) -> None:
+        super()._check_generation(max_new_tokens, thinking, thinking_budget)
         if thinking_budget is None or not thinking:
             return
         if thinking_budget < 1:
@@ -298,6 +195,32 @@ class OvisModel:
                 f"least {thinking_budget + forced + 1} (more for useful answers) or lower the budget"
             )
 
+    def _generate_prepared(
+        self,
+        prepared: list[PreparedImage],
+        prompts: list[str],
+        *,
+        max_new_tokens: int,
+        thinking: bool,
+        thinking_budget: int | None,
+        sampling: SamplingSettings,
+        embedding: str | None,
+    ) -> tuple[list[RowOutput], np.ndarray | None]:
+        per_image = self._visual(prepared)
+        rows = [
+            self.prompts.build(text, p.visual_tokens, thinking)
+            for text, p in zip(prompts, prepared, strict=True)
+        ]
+        prompt_embeds = [self._embed_row(ids, vis) for ids, vis in zip(rows, per_image, strict=True)]
+        if thinking and thinking_budget is not None:
+            outputs = self._generate_with_budget(prompt_embeds, max_new_tokens, thinking_budget, sampling)
+        else:
+            outputs = [(ids, False) for ids in self._llm_generate(prompt_embeds, max_new_tokens, sampling)]
+        vectors = self._image_vectors(embedding, per_image) if embedding else None
+        return [
+            RowOutput(len(r), ids, truncated) for r, (ids, truncated) in zip(rows, outputs, strict=True)
+        ], vectors
+
     def _embed_row(self, ids: list[int], visual: torch.Tensor | None) -> torch.Tensor:
         input_ids = torch.tensor([ids], device=self.device)
         return self.module.embed_inputs(input_ids, visual_embeds=visual)[0]
@@ -306,7 +229,7 @@ class OvisModel:
         return self.module.get_input_embeddings()(torch.tensor(ids, device=self.device, dtype=torch.long))
 
     def _left_pad(self, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack `[L_i, H]` embeddings left-padded (with the pad token's embedding) plus the attention mask."""
+        """Stack `[L_i, H]` embeddings left-padded (pad token's embedding) and the attention mask."""
         width = max(r.shape[0] for r in rows)
         pad = self._embed_ids([self.special.pad])[0]
         embeds = pad.expand(len(rows), width, pad.shape[0]).clone()
@@ -320,44 +243,22 @@ class OvisModel:
         self, rows: Sequence[torch.Tensor], max_new_tokens: int, sampling: SamplingSettings
     ) -> list[list[int]]:
         """New token ids per row, each cut after its first end token (stopping token kept)."""
-        from transformers import GenerationConfig
-
         embeds, mask = self._left_pad(rows)
-        ends = [self.special.im_end, self.special.pad]
-        settings: dict[str, Any] = {"do_sample": sampling.do_sample}
-        if sampling.do_sample:
-            settings.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        if sampling.repetition_penalty:
-            settings["repetition_penalty"] = sampling.repetition_penalty
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, eos_token_id=ends, pad_token_id=self.special.pad, **settings
-        )
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
+        config = sampling.generation_config(max_new_tokens, self.end_ids, self.special.pad)
+        with sampling.rng(self.device):
             out = self.module.llm.generate(
                 inputs_embeds=embeds, attention_mask=mask, generation_config=config
             )
-        new = []
-        for row in out.tolist():
-            for j, tok in enumerate(row):
-                if tok in ends:
-                    row = row[: j + 1]
-                    break
-            new.append(row)
-        return new
+        return cut_at_end(out.tolist(), self.end_ids)
 
-    def _generate_rows(
+    def _generate_with_budget(
         self,
         prompt_embeds: list[torch.Tensor],
         max_new_tokens: int,
-        thinking: bool,
-        thinking_budget: int | None,
+        thinking_budget: int,
         sampling: SamplingSettings,
     ) -> list[tuple[list[int], bool]]:
-        """(token ids, thinking truncated) per row; applies the two-phase thinking budget per row."""
-        if not (thinking and thinking_budget is not None):
-            return [(ids, False) for ids in self._llm_generate(prompt_embeds, max_new_tokens, sampling)]
+        """Upstream's two-phase thinking budget, applied per row: (token ids, thinking truncated)."""
         phase1 = self._llm_generate(prompt_embeds, thinking_budget, sampling)
         outputs: list[tuple[list[int], bool]] = []
         pending: list[tuple[int, list[int], int]] = []  # (row, ids so far, tokens left)
@@ -377,48 +278,21 @@ class OvisModel:
                 outputs[b] = (so_far + more[:left], outputs[b][1])
         return outputs
 
-    def _fill(self, result: GenerationResult, output: tuple[list[int], bool], thinking: bool) -> None:
-        ids, truncated = output
-        special = self.special
-        result.token_ids = ids
-        result.output_tokens = len(ids)
-        result.thinking_truncated = truncated
-        result.finish_reason = "stop" if ids and ids[-1] in (special.im_end, special.pad) else "length"
-        if thinking and special.think_end in ids:
-            k = ids.index(special.think_end)
-            reasoning_ids = [t for t in ids[:k] if t != special.think_start]
-            result.reasoning = self._decode(reasoning_ids)
-            result.reasoning_tokens = k + 1
-            result.text = self._decode(ids[k + 1 :])
-        else:
-            result.reasoning = "" if thinking else None
-            result.text = self._decode(ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
     # ------------------------------------------------------------------------------------------ embeddings
 
     def embed_images(self, images: Sequence[ImageLike], strategy: str = "last_token") -> np.ndarray:
         """float32 `[n, hidden]`, L2-normalised. A bad image raises its ImageInputError (naming its index)."""
-        _check_strategy(strategy)
-        prepared = self.prepare(images)
-        for i, p in enumerate(prepared):
-            if isinstance(p, ImageInputError):
-                raise ImageInputError(p.error_type, f"image {i}: {p}")
+        check_strategy(strategy)
+        prepared = self.prepare_or_raise(images)
         if not prepared:
             return np.zeros((0, self.hidden_size), np.float32)
         with torch.inference_mode():
-            pixels, grids = self._pack(prepared)
-            visual = self.module.visual_embeddings(pixels, grids)
-            return self._image_vectors(strategy, visual.split([p.visual_tokens for p in prepared]))
+            return self._image_vectors(strategy, self._visual(prepared))
 
     def embed_texts(self, texts: Sequence[str], strategy: str = "last_token") -> np.ndarray:
         """float32 `[n, hidden]`, L2-normalised, in the same space as `embed_images` with that strategy."""
-        _check_strategy(strategy)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"text {i} is empty: an embedding needs some text")
+        check_strategy(strategy)
+        check_texts(texts)
         if not texts:
             return np.zeros((0, self.hidden_size), np.float32)
         with torch.inference_mode():
@@ -447,27 +321,6 @@ class OvisModel:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.module.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         return l2_normalize(hidden.last_hidden_state[:, -1])
-
-
-def _check_strategy(strategy: str) -> None:
-    if strategy not in EMBEDDING_STRATEGIES:
-        raise ValueError(
-            f"unknown embedding strategy {strategy!r}; choose one of {', '.join(EMBEDDING_STRATEGIES)}"
-        )
-
-
-def _result_for(prepared: PreparedImage | ImageInputError) -> GenerationResult:
-    if isinstance(prepared, ImageInputError):
-        return GenerationResult(
-            finish_reason="error", error_type=prepared.error_type, error_message=str(prepared)
-        )
-    return GenerationResult(
-        visual_tokens=prepared.visual_tokens,
-        width=prepared.width,
-        height=prepared.height,
-        input_width=prepared.input_width,
-        input_height=prepared.input_height,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- loading
