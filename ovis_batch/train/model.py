@@ -1,8 +1,15 @@
-"""The module a fine-tuning run trains: Ovis2.5 plus a learnable temperature, computing both losses.
+"""The module a fine-tuning run trains: Ovis2.5 computing both losses, and the learned temperature.
 
 `FinetuneModel.forward` takes one collated batch (see `data.PairCollator`) and returns the weighted
 loss with its parts. Everything happens inside this one `forward`, so that DDP and DeepSpeed see a
 single call per step. The vision tower runs once per batch; its visual embeddings feed every loss.
+
+`FinetuneModel` registers the Ovis2.5 parts (`llm`, `visual_tokenizer`, `vte`) as its own children, so
+its parameter names are exactly the official ones: what DDP, DeepSpeed's ZeRO files and the saved
+safetensors hold is the released model's layout and nothing else. The InfoNCE temperature therefore
+lives outside the module (`LearnedTemperature`, with its own small optimizer, stepped by the Trainer;
+see `trainer.py`): a `logit_scale` tensor among the weights would make every checkpoint one that
+`load_model` refuses.
 
 - Generation: next-token cross-entropy on the caption tokens (and the closing `<|im_end|>`); prompt and
   image positions carry label -100. Logits are computed only where a label is, not over the ~2000
@@ -13,7 +20,7 @@ single call per step. The vision tower runs once per batch; its visual embedding
   final hidden state of the last token of the one-word-summary prompts; `vte_mean` is the mean visual
   embedding against the mean input embedding of the caption tokens. Negatives are the other pairs of
   the batch on the same device. The temperature is learned as CLIP learns it: `logit_scale = log(1/T)`,
-  kept at or below log(100) (T >= 0.01).
+  kept at or below log(100) (T >= 0.01), by AdamW at the run's learning rate and schedule.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor)
     """Symmetric InfoNCE: row i of `image` matches row i of `text`; every other row is a negative."""
     image = F.normalize(image.float(), dim=-1)
     text = F.normalize(text.float(), dim=-1)
-    logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image @ text.T
+    logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * (image @ text.T)
     target = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
@@ -75,8 +82,59 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class LearnedTemperature:
+    """The InfoNCE `logit_scale = log(1/T)` and its AdamW, outside the model (see the module docstring)."""
+
+    def __init__(
+        self, temperature: float, device: torch.device | str, *, betas: tuple[float, float], eps: float
+    ) -> None:
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature), device=device))
+        self.optimizer = torch.optim.AdamW([self.logit_scale], betas=betas, eps=eps, weight_decay=0.0)
+
+    @property
+    def value(self) -> float:
+        """The temperature itself, T = exp(-logit_scale) (at least 0.01)."""
+        return math.exp(-min(float(self.logit_scale.detach()), MAX_LOGIT_SCALE))
+
+    def step(self, learning_rate: float, world_size: int = 1) -> None:
+        """One AdamW step with the gradient averaged over the processes (as DDP averages the model's)."""
+        grad = self.logit_scale.grad
+        if grad is None:
+            return
+        if world_size > 1:
+            torch.distributed.all_reduce(grad)
+            grad /= world_size
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state(self) -> dict[str, float]:
+        """Exact floats (a float32 value is exact as a Python float, and in JSON): the value and Adam's state."""
+        record = {"logit_scale": float(self.logit_scale.detach()), "temperature": self.value}
+        adam = self.optimizer.state.get(self.logit_scale)
+        if adam:
+            record |= {
+                "adam_step": float(adam["step"]),
+                "adam_exp_avg": float(adam["exp_avg"]),
+                "adam_exp_avg_sq": float(adam["exp_avg_sq"]),
+            }
+        return record
+
+    def load(self, record: dict[str, float]) -> None:
+        with torch.no_grad():
+            self.logit_scale.fill_(record["logit_scale"])
+        if "adam_step" in record:
+            like = self.logit_scale.detach()
+            self.optimizer.state[self.logit_scale] = {
+                "step": torch.tensor(record["adam_step"]),
+                "exp_avg": torch.full_like(like, record["adam_exp_avg"]),
+                "exp_avg_sq": torch.full_like(like, record["adam_exp_avg_sq"]),
+            }
+
+
 class FinetuneModel(nn.Module):
-    """Ovis2.5 (`.ovis`, saved with the official names) plus the InfoNCE temperature (`.logit_scale`)."""
+    """Ovis2.5 under its official parameter names, computing the run's losses in one forward."""
 
     def __init__(
         self,
@@ -85,17 +143,17 @@ class FinetuneModel(nn.Module):
         generation_weight: float,
         contrastive_weight: float,
         embedding: str,
-        temperature: float,
+        temperature: LearnedTemperature | None = None,
     ) -> None:
         super().__init__()
-        self.ovis = ovis
+        if contrastive_weight > 0 and temperature is None:
+            raise ValueError("the contrastive loss needs a LearnedTemperature")
+        # The parts, registered here under their official names; `ovis` (for its methods) is not registered.
+        self.llm, self.visual_tokenizer, self.vte = ovis.llm, ovis.visual_tokenizer, ovis.vte
+        object.__setattr__(self, "ovis", ovis)
         self.generation_weight, self.contrastive_weight = generation_weight, contrastive_weight
         self.embedding = embedding
-        weight = ovis.vte.weight
-        self.logit_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / temperature), dtype=torch.float32, device=weight.device),
-            requires_grad=contrastive_weight > 0,
-        )
+        self.temperature = temperature
 
     @property
     def config(self):
@@ -127,12 +185,12 @@ class FinetuneModel(nn.Module):
         if self.contrastive_weight > 0:
             image = self.image_vectors(visual, grids, image_query_ids, image_query_mask)
             text = self.text_vectors(text_ids, text_mask)
-            out.contrastive_loss = info_nce(image, text, self.logit_scale)
+            out.contrastive_loss = info_nce(image, text, self.temperature.logit_scale.to(visual.device))
             loss = loss + self.contrastive_weight * out.contrastive_loss
+            out.temperature = torch.tensor(self.temperature.value, device=visual.device)
         out.loss = loss
         out.generation_loss = _detached(out.generation_loss)
         out.contrastive_loss = _detached(out.contrastive_loss)
-        out.temperature = (-self.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE)).exp()
         return out
 
     def image_vectors(

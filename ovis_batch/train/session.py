@@ -17,7 +17,7 @@ from ovis_batch.errors import UsageError
 from ovis_batch.train.data import PairCollator, PairDataset, Pairs, read_pairs
 from ovis_batch.train.freeze import apply_trainable
 from ovis_batch.train.job import FinetunePlan, example_builder, pair_images
-from ovis_batch.train.model import FinetuneModel
+from ovis_batch.train.model import FinetuneModel, LearnedTemperature
 from ovis_batch.train.trainer import OvisTrainer, training_arguments
 
 
@@ -76,13 +76,20 @@ def build_trainer(plan: FinetunePlan, pairs: Pairs | None = None) -> OvisTrainer
     ovis.train()
     if settings.gradient_checkpointing:
         ovis.activation_checkpointing_enable({"use_reentrant": False})
+    args = training_arguments(settings, plan.run_dir, device=device)
     generation_weight, contrastive_weight = settings.loss_weights()
+    temperature = None
+    if contrastive_weight > 0:
+        betas = (args.adam_beta1, args.adam_beta2)
+        temperature = LearnedTemperature(
+            settings.temperature, args.device, betas=betas, eps=args.adam_epsilon
+        )
     wrapper = FinetuneModel(
         ovis,
         generation_weight=generation_weight,
         contrastive_weight=contrastive_weight,
         embedding=settings.embedding,
-        temperature=settings.temperature,
+        temperature=temperature,
     )
     pairs = pairs or read_pairs(
         plan.data,
@@ -94,16 +101,19 @@ def build_trainer(plan: FinetunePlan, pairs: Pairs | None = None) -> OvisTrainer
     dataset = PairDataset(pairs, plan.scan, pair_images(settings, pairs.scheme), builder)
     return OvisTrainer(
         model=wrapper,
-        args=training_arguments(settings, plan.run_dir, device=device),
+        args=args,
         train_dataset=dataset,
         data_collator=PairCollator(builder.pad_id),
         source_dir=plan.model_dir,
         max_shard_size=settings.max_shard_size,
+        temperature=temperature,
     )
 
 
 def run_training(plan: FinetunePlan, pairs: Pairs | None = None) -> None:
     """Train (or continue from `plan.resume_from`) to the end; the final state goes to the run folder."""
     trainer = build_trainer(plan, pairs)
+    if plan.resume_from is not None:
+        trainer.load_temperature(plan.resume_from)  # the weights are the Trainer's to load
     trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
     trainer.save_state()  # RUN_DIR/trainer_state.json (main process only), read by the summary

@@ -4,10 +4,12 @@
 
 - what a checkpoint holds: the Ovis2.5 weights under the official names (sharded safetensors + index,
   `config.json`), the source model's tokenizer, chat template, preprocessor and generation files copied
-  verbatim, and `finetune_state.json` (the learned temperature), beside the Trainer's own
-  `trainer_state.json`, `training_args.bin`, optimizer, scheduler and RNG state. So `load_model` and
+  verbatim, and `finetune_state.json` (the learned temperature and its optimizer state), beside the
+  Trainer's own `trainer_state.json`, `training_args.bin`, optimizer, scheduler and RNG state (and, under
+  DeepSpeed, its ZeRO folder, whose parameter names are the official ones too). So `load_model` and
   `ovis-batch eval-checkpoints` read a `checkpoint-N` as they read a released model;
-- how a checkpoint is loaded on resume (the same names, into the wrapped module);
+- how a checkpoint is loaded on resume (the same names), and the temperature's own AdamW step, taken
+  just before the model's optimizer step at the same learning rate;
 - what is logged: the loss parts (`generation_loss`, `contrastive_loss`) and the `temperature` next to
   the Trainer's `loss`, averaged over the logging window (and over processes).
 """
@@ -20,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ovis_batch.checkpoints.layout import INFERENCE_PATTERNS
 from ovis_batch.model.checkpoint import CheckpointError, iter_tensors, weight_files
-from ovis_batch.train.model import MAX_LOGIT_SCALE
+from ovis_batch.train.model import LearnedTemperature
 from ovis_batch.train.settings import DeepSpeedSettings, FinetuneConfig
 
 FINETUNE_STATE = "finetune_state.json"
@@ -61,14 +63,34 @@ def load_ovis_weights(module: torch.nn.Module, folder: Path) -> None:
     module.load_state_dict(state, strict=False)
 
 
+class _TemperatureStep(TrainerCallback):
+    """Steps the temperature's optimizer right before the model's, at the learning rate of this step."""
+
+    def __init__(self, trainer: OvisTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs) -> None:
+        self.trainer.temperature.step(self.trainer._get_learning_rate(), args.world_size)
+
+
 class OvisTrainer(Trainer):
     """The Trainer over a `FinetuneModel`, writing checkpoints in the official Ovis2.5 layout."""
 
-    def __init__(self, *args: Any, source_dir: Path, max_shard_size: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        source_dir: Path,
+        max_shard_size: str,
+        temperature: LearnedTemperature | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.source_dir = Path(source_dir)
         self.max_shard_size = max_shard_size
+        self.temperature = temperature
         self._parts: dict[str, list] = {}
+        if temperature is not None:
+            self.add_callback(_TemperatureStep(self))
 
     # ------------------------------------------------------------------------------------------ loss
 
@@ -103,33 +125,30 @@ class OvisTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if state_dict is None:
             state_dict = model.state_dict()
-        ovis_state = {n.removeprefix("ovis."): t for n, t in state_dict.items() if n.startswith("ovis.")}
         model.ovis.save_pretrained(
-            folder, state_dict=ovis_state, max_shard_size=self.max_shard_size, is_main_process=True
+            folder, state_dict=state_dict, max_shard_size=self.max_shard_size, is_main_process=True
         )
         copy_inference_files(self.source_dir, folder)
-        logit_scale = float(state_dict["logit_scale"].float()) if "logit_scale" in state_dict else None
-        record = {"logit_scale": logit_scale}
-        if logit_scale is not None:
-            record["temperature"] = float(torch.tensor(-min(logit_scale, MAX_LOGIT_SCALE)).exp())
+        record = self.temperature.state() if self.temperature is not None else {}
         (folder / FINETUNE_STATE).write_text(json.dumps(record, indent=2) + "\n")
         torch.save(self.args, folder / TRAINING_ARGS)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Resume: the checkpoint's Ovis weights and temperature into the model being trained."""
-        folder = Path(resume_from_checkpoint)
+        """Resume (without DeepSpeed, which loads its own files): the checkpoint's weights into the model."""
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        load_ovis_weights(target.ovis, folder)
-        state_file = folder / FINETUNE_STATE
+        load_ovis_weights(target.ovis, Path(resume_from_checkpoint))
+
+    def load_temperature(self, checkpoint: Path) -> None:
+        """Resume the temperature and its optimizer state from a checkpoint's finetune_state.json."""
+        if self.temperature is None:
+            return
+        state_file = Path(checkpoint) / FINETUNE_STATE
         try:
-            logit_scale = json.loads(state_file.read_text())["logit_scale"]
+            self.temperature.load(json.loads(state_file.read_text()))
         except (FileNotFoundError, json.JSONDecodeError, KeyError) as exc:
             raise CheckpointError(
-                f"{state_file} is missing or unreadable ({exc}); cannot resume from it"
+                f"{state_file} is missing or incomplete ({exc!r}); the temperature cannot be resumed from it"
             ) from exc
-        if logit_scale is not None:
-            with torch.no_grad():
-                target.logit_scale.fill_(logit_scale)
 
 
 def deepspeed_config(settings: DeepSpeedSettings) -> dict[str, Any]:

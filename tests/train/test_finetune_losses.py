@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ovis_batch.model.preprocess import PreparedImage, normalize_patches, prepare_image
 from ovis_batch.train.data import ExampleBuilder, PairCollator
-from ovis_batch.train.model import FinetuneModel, caption_loss, info_nce
+from ovis_batch.train.model import FinetuneModel, LearnedTemperature, caption_loss, info_nce
 
 PIXELS = {"min_pixels": 32 * 32, "max_pixels": 128 * 128}
 CAPTIONS = ["a woman in a space suit", "a cat looking up", "a cup of coffee on a saucer"]
@@ -37,12 +37,13 @@ def batch_for(model, prepared, embedding: str) -> dict[str, torch.Tensor]:
 
 
 def wrapper(model, embedding: str = "last_token", generation: float = 1.0, contrastive: float = 1.0):
+    temperature = LearnedTemperature(0.07, "cpu", betas=(0.9, 0.999), eps=1e-8) if contrastive else None
     return FinetuneModel(
         model.module,
         generation_weight=generation,
         contrastive_weight=contrastive,
         embedding=embedding,
-        temperature=0.07,
+        temperature=temperature,
     ).eval()
 
 
@@ -126,8 +127,11 @@ def test_the_loss_is_the_weighted_sum_and_every_trainable_part_gets_a_gradient(t
     model.zero_grad()
     out.loss.backward()
     try:
-        assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+        assert model.temperature.logit_scale.grad.abs() > 0
         assert model.ovis.vte.weight.grad.abs().sum() > 0
+        model.temperature.step(learning_rate=0.1)
+        assert model.temperature.value != pytest.approx(0.07, rel=1e-6)
+        assert model.temperature.logit_scale.grad is None
     finally:
         model.zero_grad(set_to_none=True)
 
@@ -139,5 +143,27 @@ def test_generation_only_skips_the_contrastive_inputs(tiny_model, prepared):
     model = wrapper(tiny_model, contrastive=0.0)
     with torch.no_grad():
         out = model(**batch)
-    assert out.contrastive_loss is None and not model.logit_scale.requires_grad
+    assert out.contrastive_loss is None and out.temperature is None
     torch.testing.assert_close(out.loss, out.generation_loss)
+
+
+def test_the_model_holds_exactly_the_official_parameter_names(tiny_model):
+    model = wrapper(tiny_model)
+    assert list(model.state_dict()) == list(tiny_model.module.state_dict())
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in tiny_model.module.named_parameters()]
+
+
+def test_the_temperature_state_survives_json_exactly():
+    import json
+
+    temperature = LearnedTemperature(0.07, "cpu", betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(3):
+        (temperature.logit_scale * 1.7).sum().backward()
+        temperature.step(learning_rate=0.01)
+    restored = LearnedTemperature(0.5, "cpu", betas=(0.9, 0.999), eps=1e-8)
+    restored.load(json.loads(json.dumps(temperature.state())))
+    for t in (temperature, restored):
+        (t.logit_scale * 1.7).sum().backward()
+        t.step(learning_rate=0.01)
+    assert torch.equal(restored.logit_scale, temperature.logit_scale)
+    assert restored.state() == temperature.state()

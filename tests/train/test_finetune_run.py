@@ -18,7 +18,7 @@ from ovis_batch.model.checkpoint import iter_tensors, weight_files
 from ovis_batch.train.data import PairCollator, PairDataset, read_pairs
 from ovis_batch.train.freeze import plan_trainable
 from ovis_batch.train.job import RunFolderError, _meta_model, example_builder, pair_images
-from ovis_batch.train.model import FinetuneModel
+from ovis_batch.train.model import FinetuneModel, LearnedTemperature
 from ovis_batch.train.settings import FinetuneConfig
 
 STANDARD_FILES = {
@@ -50,15 +50,17 @@ def fixed_batch_losses(run: Run, folder) -> dict[str, float]:
     """Each loss of the run on one batch of all 8 pairs, with the weights (and temperature) in `folder`."""
     settings = settings_of(run)
     model = ovis_batch.load_model(folder, device="cpu")
-    state = folder / "finetune_state.json"
-    temperature = json.loads(state.read_text())["temperature"] if state.is_file() else settings.temperature
     generation, contrastive = settings.loss_weights()
+    temperature = LearnedTemperature(settings.temperature, "cpu", betas=(0.9, 0.999), eps=1e-8)
+    state = folder / "finetune_state.json"
+    if state.is_file():
+        temperature.load(json.loads(state.read_text()))
     wrapped = FinetuneModel(
         model.module,
         generation_weight=generation,
         contrastive_weight=contrastive,
         embedding=settings.embedding,
-        temperature=temperature,
+        temperature=temperature if contrastive else None,
     ).eval()
     pairs = read_pairs(str(run.pairs), id_column="image_id", image_column="image", caption_column="caption")
     build = example_builder(settings, model.tokenizer, model.prompts.chat_template)
