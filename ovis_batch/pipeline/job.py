@@ -196,7 +196,7 @@ def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from ovis_batch.pipeline.stages import CaptionPredictor, DecodeStage, ShardWriter
+    from ovis_batch.pipeline.stages import CaptionPredictor, DecodeStage, write_shard_batch
 
     cfg = plan.config
     columns = list(
@@ -261,8 +261,8 @@ def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
         num_cpus=cfg.cpus_per_replica,
     )
     ds = ds.map_batches(
-        ShardWriter,
-        fn_constructor_kwargs={
+        write_shard_batch,
+        fn_kwargs={
             "output_uri": plan.output.uri,
             "id_column": cfg.id_column,
             "schema": plan.schema,
@@ -270,7 +270,6 @@ def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
         },
         batch_format="pyarrow",
         batch_size=cfg.rows_per_shard,
-        compute=ActorPoolStrategy(size=1),
         num_cpus=WRITER_CPUS,
     )
     totals: dict[str, Any] = {

@@ -6,7 +6,7 @@
   splits its rows into batches by visual-token budget (sizes sorted, so panoramas run few at a time and
   thumbnails many), generates, and on failure splits a batch in halves down to single rows; a row that
   still fails becomes an error row.
-- `ShardWriter` (CPU tasks): turns rows into the output contract and commits one shard atomically;
+- `write_shard_batch` (CPU tasks): turns rows into the output contract and commits one shard atomically;
   returns one statistics row per shard for the run summary.
 
 Every stage returns exactly the rows it received (`check_rows` names the stage that broke the rule).
@@ -351,31 +351,30 @@ def _output_rows(rows: list[dict], results: list[Any], id_column: str, infer_s: 
     return out
 
 
-class ShardWriter:
-    """Rows in the output contract -> one committed shard; returns that shard's statistics row."""
+def write_shard_batch(
+    batch: pa.Table, *, output_uri: str, id_column: str, schema: pa.Schema, metadata: dict[str, Any]
+) -> pa.Table:
+    """Rows in the output contract -> one committed shard; returns that shard's statistics row.
 
-    def __init__(
-        self, *, output_uri: str, id_column: str, schema: pa.Schema, metadata: dict[str, Any]
-    ) -> None:
-        self.output_uri, self.id_column, self.schema, self.metadata = output_uri, id_column, schema, metadata
+    A plain function run as Ray tasks (no actor to start), so shards are committed as soon as their rows
+    are done: what a crash can lose is bounded by the rows in flight, not by a writer's start-up.
+    """
+    from ovis_batch.pipeline.output import OutputFolder, write_shard
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from ovis_batch.pipeline.output import OutputFolder, write_shard
-
-        folder = OutputFolder.open(self.output_uri)
-        table = batch.select(self.schema.names).cast(self.schema)
-        path = write_shard(folder, table, self.id_column, self.metadata)
-        status = batch.column("status").to_pylist()
-        errors = Counter(
-            t for s, t in zip(status, batch.column("error_type").to_pylist(), strict=True) if s != "ok"
-        )
-        stats = {
-            "shard": [path],
-            "rows": [batch.num_rows],
-            "ok": [status.count("ok")],
-            "errors": [json.dumps(dict(errors))],
-            "output_tokens": [int(sum(v or 0 for v in batch.column("output_tokens").to_pylist()))],
-            "decode_s": [float(sum(v or 0 for v in batch.column("decode_s").to_pylist()))],
-            "infer_s": [float(sum(v or 0 for v in batch.column("infer_s").to_pylist()))],
-        }
-        return pa.table(stats)
+    folder = OutputFolder.open(output_uri)
+    table = batch.select(schema.names).cast(schema)
+    path = write_shard(folder, table, id_column, metadata)
+    status = batch.column("status").to_pylist()
+    errors = Counter(
+        t for s, t in zip(status, batch.column("error_type").to_pylist(), strict=True) if s != "ok"
+    )
+    stats = {
+        "shard": [path],
+        "rows": [batch.num_rows],
+        "ok": [status.count("ok")],
+        "errors": [json.dumps(dict(errors))],
+        "output_tokens": [int(sum(v or 0 for v in batch.column("output_tokens").to_pylist()))],
+        "decode_s": [float(sum(v or 0 for v in batch.column("decode_s").to_pylist()))],
+        "infer_s": [float(sum(v or 0 for v in batch.column("infer_s").to_pylist()))],
+    }
+    return pa.table(stats)
