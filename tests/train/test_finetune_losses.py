@@ -167,3 +167,25 @@ def test_the_temperature_state_survives_json_exactly():
         t.step(learning_rate=0.01)
     assert torch.equal(restored.logit_scale, temperature.logit_scale)
     assert restored.state() == temperature.state()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpoint, prepared):
+    import ovis_batch
+
+    results = []
+    for checkpointing in (False, True):
+        model = ovis_batch.load_model(tiny_checkpoint, device="cpu")
+        if checkpointing:
+            model.module.activation_checkpointing_enable({"use_reentrant": False})
+            assert model.module.llm.model.layers[0].gradient_checkpointing
+            assert model.module.visual_tokenizer.vit.vision_model.encoder.gradient_checkpointing
+        trained = wrapper(model).train()
+        out = trained(**batch_for(model, prepared, "last_token"))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in trained.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads_ckpt.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-6)
