@@ -475,7 +475,11 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ovis-batch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ovis-batch",
+        description="Batch captions, reasoning traces and retrieval embeddings with Ovis on Ray; scoring, "
+        "retrieval indexes and training checkpoints. Run `ovis-batch demo` for a first look.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in PARSERS:
         add(sub)
