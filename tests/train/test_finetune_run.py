@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -284,3 +285,25 @@ def test_command_line_overwrite_prints_the_trainable_share_first(both_run, tmp_p
     assert "warning: bottom:1 trains the layers nearest the input" in out
     assert "pairs: 8 usable of 13" in out
     assert not (run_dir / "stale.txt").exists() and (run_dir / "checkpoint-1" / "config.json").is_file()
+
+
+def test_bf16_autocast_with_gradient_checkpointing_and_loader_workers(both_run, tmp_path):
+    # The GPU settings (bf16 autocast over fp32 weights, recomputed activations) and decoding in
+    # DataLoader worker processes, exercised on the CPU.
+    extra = (
+        "max_steps=2",
+        "save_steps=2",
+        "precision=bf16",
+        "gradient_checkpointing=true",
+        "dataloader_workers=2",
+    )
+    run = finetune_run(
+        both_run.base, both_run.pairs, tmp_path / "run", *extra, freeze="vision+top:1", loss="both"
+    )
+    assert [e["step"] for e in run.losses()] == [1, 2]
+    assert all(
+        math.isfinite(e["generation_loss"]) and math.isfinite(e["contrastive_loss"]) for e in run.losses()
+    )
+    base, trained = weights(run.base), weights(run.checkpoint(2))
+    assert trained["vte.weight"].dtype == torch.float32  # the master weights stay fp32
+    assert {n for n in base if not torch.equal(base[n], trained[n])} == expected_trainable(run)
