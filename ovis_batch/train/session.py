@@ -58,6 +58,23 @@ def _deepspeed_process_group(device: str) -> None:
         deepspeed.init_distributed("gloo")
 
 
+def _gather_directly_read_tables(model: FinetuneModel) -> None:
+    """ZeRO-3 gathers a weight when its module's forward runs; Ovis reads two tables without one.
+
+    The VTE is used as `probabilities @ vte.weight` (and its indicator rows are indexed), and the vision
+    tower's position table is resized as a tensor: registered here as external parameters of the
+    trained module, both are gathered for the whole forward and backward of a step.
+    """
+    import deepspeed
+
+    embeddings = model.visual_tokenizer.vit.vision_model.embeddings
+    tables = [model.vte.weight]
+    if hasattr(embeddings, "position_embedding"):
+        tables.append(embeddings.position_embedding.weight)
+    for table in tables:
+        deepspeed.zero.register_external_parameter(model, table)
+
+
 def build_trainer(plan: FinetunePlan, pairs: Pairs | None = None) -> OvisTrainer:
     """The Trainer of this process, ready to `train`; the model is frozen as the plan says."""
     from transformers import set_seed
@@ -91,6 +108,8 @@ def build_trainer(plan: FinetunePlan, pairs: Pairs | None = None) -> OvisTrainer
         embedding=settings.embedding,
         temperature=temperature,
     )
+    if settings.deepspeed is not None and settings.deepspeed.stage == 3:
+        _gather_directly_read_tables(wrapper)
     pairs = pairs or read_pairs(
         plan.data,
         id_column=settings.id_column,

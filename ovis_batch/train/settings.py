@@ -62,11 +62,17 @@ class DeepSpeedSettings(_Strict):
         False, description="Keep optimizer states in CPU memory (slower, smaller)."
     )
     offload_params: bool = Field(False, description="ZeRO-3 only: keep weights in CPU memory between uses.")
+    param_persistence_threshold: int | None = Field(
+        None, ge=0, description="ZeRO-3: tensors this small stay whole on every rank (null: DeepSpeed's 1e5)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DeepSpeedSettings:
-        if self.offload_params and self.stage != 3:
-            raise ValueError("deepspeed.offload_params needs stage 3 (only ZeRO-3 partitions the weights)")
+        if (self.offload_params or self.param_persistence_threshold is not None) and self.stage != 3:
+            raise ValueError(
+                "deepspeed.offload_params and param_persistence_threshold need stage 3 (only ZeRO-3 "
+                "partitions the weights)"
+            )
         return self
 
 

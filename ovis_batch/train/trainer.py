@@ -161,6 +161,8 @@ def deepspeed_config(settings: DeepSpeedSettings) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": settings.stage}
     if settings.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if settings.param_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = settings.param_persistence_threshold
     if settings.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if settings.offload_params:
