@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -314,10 +313,3 @@ class PairCollator:
             ids[i, : len(e[key])] = torch.tensor(e[key], dtype=torch.long)
             mask[i, : len(e[key])] = 1
         return ids, mask
-
-
-def steps_per_epoch(pairs: int, batch_size: int, accumulation: int, world_size: int, drop_last: bool) -> int:
-    """Optimizer steps in one pass over `pairs` (what the Trainer computes, for the plan's printout)."""
-    per_step = batch_size * world_size
-    batches = pairs // per_step if drop_last else math.ceil(pairs / per_step)
-    return max(batches // accumulation, 1 if batches else 0)

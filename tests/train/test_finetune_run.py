@@ -16,7 +16,7 @@ from ovis_batch.checkpoints.trend import find_run_checkpoints
 from ovis_batch.cli import main
 from ovis_batch.config import load_config
 from ovis_batch.model.checkpoint import iter_tensors, weight_files
-from ovis_batch.train.data import PairCollator, PairDataset, read_pairs
+from ovis_batch.train.data import PairCollator, PairDataset, PairScan, read_pairs
 from ovis_batch.train.freeze import plan_trainable
 from ovis_batch.train.job import RunFolderError, _meta_model, example_builder, pair_images
 from ovis_batch.train.model import FinetuneModel, LearnedTemperature
@@ -65,9 +65,9 @@ def fixed_batch_losses(run: Run, folder) -> dict[str, float]:
     ).eval()
     pairs = read_pairs(str(run.pairs), id_column="image_id", image_column="image", caption_column="caption")
     build = example_builder(settings, model.tokenizer, model.prompts.chat_template)
-    scan = json.loads((run.run_dir / "finetune_summary.json").read_text())["pairs"]
-    assert scan["used"] == len(CAPTIONS)
-    dataset = PairDataset(pairs, _scan(run), pair_images(settings, pairs.scheme), build)
+    scan = PairScan.load(run.run_dir / "finetune_pairs.parquet")
+    assert len(scan.rows) == len(CAPTIONS)
+    dataset = PairDataset(pairs, scan, pair_images(settings, pairs.scheme), build)
     batch = PairCollator(build.pad_id)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         out = wrapped(**batch)
@@ -76,12 +76,6 @@ def fixed_batch_losses(run: Run, folder) -> dict[str, float]:
         for name in ("generation_loss", "contrastive_loss")
         if getattr(out, name) is not None
     }
-
-
-def _scan(run: Run):
-    from ovis_batch.train.data import PairScan
-
-    return PairScan.load(run.run_dir / "finetune_pairs.parquet")
 
 
 def expected_trainable(run: Run) -> set[str]:
