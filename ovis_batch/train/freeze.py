@@ -146,6 +146,8 @@ def plan_trainable(
             "lm_head is tied to the token embedding table in this model: training it trains the input "
             "embeddings too (set train_lm_head: false to keep both frozen)"
         )
+    if loss != "generation":
+        notes.append("the contrastive loss's temperature (one value, outside the model) is learned too")
     outside = [n for n in unreachable if not n.startswith(_UNUSED)]
     if outside:
         notes.append(
