@@ -178,3 +178,25 @@ def weights_fingerprint(files: list[Path]) -> str:
             fh.seek(max(0, f.stat().st_size - (1 << 20)))
             digest.update(fh.read(1 << 20))
     return digest.hexdigest()
+
+
+def model_identity(source: str | os.PathLike) -> dict:
+    """A model's identity from its files alone, no weights loaded: what output metadata records and what
+    resume, indexes and fine-tuning runs compare (`weights_sha256` decides; names may differ)."""
+    folder = resolve_source(source)
+    config = read_config(folder)
+    files = weight_files(folder)
+    if config["model_type"] == "ovis2_5":
+        chat_template(folder)  # a folder without one cannot prompt the model: fail before any work
+        hidden = config["llm_config"]["hidden_size"]
+    else:
+        hidden = config.get("text_config", {}).get("hidden_size") or config["hidden_size"]
+    return {
+        "name": str(source),
+        "folder": str(folder),
+        "revision": None,
+        "weights_sha256": weights_fingerprint(files),
+        "model_type": config["model_type"],
+        "hidden_size": hidden,
+        "random_weights": "RANDOM" in str(config.get("_comment", "")),
+    }

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import ovis_batch
+from ovis_batch.model.checkpoint import model_identity
 from ovis_batch.pipeline.manifest import ManifestError, open_manifest
 from ovis_batch.pipeline.output import METADATA_KEY, OutputFolder, atomic_write
 
@@ -59,8 +60,6 @@ def embed_texts_to_parquet(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Embed every reference caption; returns a summary (rows, dim, path)."""
-    from ovis_batch.pipeline.job import model_identity
-
     ids, captions = read_captions(references, id_column, column)
     identity = model_identity(model_source)
     folder = OutputFolder.open(output)

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 import ovis_batch
 from ovis_batch.config import CaptionConfig
+from ovis_batch.model.checkpoint import model_identity
 from ovis_batch.pipeline.manifest import Manifest, ManifestError, open_manifest, scan_ids
 from ovis_batch.pipeline.output import (
     JOB_FILE,
@@ -51,34 +52,6 @@ class CaptionPlan:
     total_rows: int  # rows this job covers (manifest, or the limit)
     skip: IdSet = field(default_factory=lambda: IdSet(id_hashes([])))  # already committed
     remaining: int = 0  # rows of this job not yet committed
-
-
-def model_identity(source: str) -> dict[str, Any]:
-    """The model's identity from its files alone (no weights loaded): what resume and metadata compare."""
-    from ovis_batch.model.checkpoint import (
-        chat_template,
-        read_config,
-        resolve_source,
-        weight_files,
-        weights_fingerprint,
-    )
-
-    folder = resolve_source(source)
-    config = read_config(folder)
-    files = weight_files(folder)
-    if config["model_type"] == "ovis2_5":
-        chat_template(folder)
-        hidden = config["llm_config"]["hidden_size"]
-    else:
-        hidden = config.get("text_config", {}).get("hidden_size") or config["hidden_size"]
-    return {
-        "name": str(source),
-        "revision": None,
-        "weights_sha256": weights_fingerprint(files),
-        "model_type": config["model_type"],
-        "hidden_size": hidden,
-        "random_weights": "RANDOM" in str(config.get("_comment", "")),
-    }
 
 
 def plan_caption_job(

@@ -90,25 +90,17 @@ def _meta_model(model_dir: Path):
 
 
 def _model_identity(source: str) -> tuple[Path, dict[str, Any]]:
-    from ovis_batch.model.checkpoint import (
-        CheckpointError,
-        chat_template,
-        read_config,
-        resolve_source,
-        weight_files,
-        weights_fingerprint,
-    )
+    from ovis_batch.model.checkpoint import CheckpointError, model_identity
 
-    folder = resolve_source(source)
-    config = read_config(folder)
-    if config["model_type"] != "ovis2_5":
+    identity = model_identity(source)
+    folder = Path(identity["folder"])
+    if identity["model_type"] != "ovis2_5":
         raise CheckpointError(
-            f"{folder}: fine-tuning supports Ovis2.5 checkpoints; model_type is {config['model_type']!r}"
+            f"{folder}: fine-tuning supports Ovis2.5 checkpoints; model_type is {identity['model_type']!r}"
         )
-    chat_template(folder)
     local = Path(source).expanduser()
     name = str(local.resolve()) if local.exists() else source
-    return folder, {"source": name, "weights_sha256": weights_fingerprint(weight_files(folder))}
+    return folder, {"source": name, "weights_sha256": identity["weights_sha256"]}
 
 
 def _run_record(data: str, pairs: Pairs, model: dict[str, Any], settings: FinetuneConfig) -> dict[str, Any]:
