@@ -197,3 +197,46 @@ def test_command_line_prints_usage_errors_without_a_traceback(tmp_path, capsys):
     assert err.startswith("error: manifest") and "does not exist" in err and "Traceback" not in err
     assert main(["caption", "--manifest", "m", "--output", "o", "--model", "x", "max_new_tokens=0"]) == 2
     assert "max_new_tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["ovis2_5", "ovis2"])
+def test_decode_and_model_stages_chain_for_both_model_families(family, tmp_path, tiny_checkpoint, photos):
+    """The CPU stage's output feeds the model stage (in process, no Ray): Ovis2.5 gets uint8 patches,
+    Ovis2 gets RGB; every row comes out once, bad rows stay error rows, captions equal a direct call."""
+    import ovis_batch
+    from ovis_batch.model.tiny_ovis2 import make_tiny_ovis2_model
+    from ovis_batch.pipeline.stages import predicted_schema
+
+    source = tiny_checkpoint if family == "ovis2_5" else make_tiny_ovis2_model(tmp_path / "ovis2")
+    data = jpeg_bytes(photos["chelsea"])
+    batch = pa.table({"image_id": ["cat", "broken", "cat2"], "image": [data, b"not an image", data]})
+    decoded = decode_stage(input_kind="patches" if family == "ovis2_5" else "rgb", max_pixels=200704)(batch)
+    predictor = CaptionPredictor(
+        model_source=str(source),
+        id_column="image_id",
+        passthrough=[],
+        device="cpu",
+        dtype="auto",
+        generation={"max_new_tokens": 5},
+        embedding="vte_mean",
+        embedding_dim=ovis_batch.load_model(source).hidden_size,
+        batch_visual_tokens=10_000,
+        batch_rows=8,
+    )
+    out = predictor(decoded)
+    assert (
+        out.schema.names
+        == predicted_schema(
+            batch.schema.field("image_id"), [], out.schema.field("embedding").type.list_size
+        ).names
+    )
+    rows = {r["image_id"]: r for r in out.to_pylist()}
+    assert [rows[i]["status"] for i in ("cat", "broken", "cat2")] == ["ok", "error", "ok"]
+    assert rows["broken"]["error_type"] == "not_an_image"
+    image = Image.open(io.BytesIO(data))
+    (direct,) = predictor.model.generate(
+        [image], "Describe.", max_new_tokens=5, max_pixels=200704, min_pixels=4096
+    )
+    assert rows["cat"]["caption"] == rows["cat2"]["caption"] == direct.text
+    assert rows["cat"]["output_tokens"] == direct.output_tokens
+    assert abs(np.linalg.norm(rows["cat"]["embedding"]) - 1) < 1e-5
