@@ -83,8 +83,9 @@ def random_model(size: str, device: str, dtype: torch.dtype, tokenizer_dir: Path
                 param.normal_(0.0, 0.02, generator=generator)
     if tied:
         module.llm.lm_head.weight = module.llm.model.embed_tokens.weight
-    _materialize_buffers(module, torch.device(device))
     module = module.to(dtype).eval()
+    # to_empty left the rotary frequencies uninitialised; rebuilt after the cast, they stay float32
+    _materialize_buffers(module, torch.device(device), computed=True)
     tokenizer = load_tokenizer(tokenizer_dir)
     return OvisModel(
         module, tokenizer, chat_template(tokenizer_dir), name=f"random-{size}", weights_sha256="random"

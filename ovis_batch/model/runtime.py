@@ -428,13 +428,21 @@ def load_ovis2_5_module(
     return module.eval()
 
 
-def _materialize_buffers(module, device: torch.device) -> None:
-    """Recreate buffers computed at construction (rotary frequencies) that were left on the meta device."""
+def _materialize_buffers(module, device: torch.device, *, computed: bool = False) -> None:
+    """Recreate buffers computed at construction (rotary frequencies) that were left on the meta device.
+
+    `computed=True` recreates every non-persistent buffer, meta or not: after `module.to_empty()` they
+    hold uninitialised memory (random-weight models built directly on a device).
+    """
     for sub in module.modules():
-        meta = [n for n, b in sub.named_buffers(recurse=False) if b.is_meta]
-        if not meta:
+        names = [
+            n
+            for n, b in sub.named_buffers(recurse=False)
+            if b.is_meta or (computed and n in sub._non_persistent_buffers_set)
+        ]
+        if not names:
             continue
         with torch.device(device):
             fresh = sub.rebuilt() if hasattr(sub, "rebuilt") else type(sub)(sub.config)
-        for n in meta:
+        for n in names:
             setattr(sub, n, getattr(fresh, n))
