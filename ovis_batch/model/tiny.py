@@ -16,10 +16,12 @@ greedy decoding emits printable text and reaches `<|im_end|>` and `</think>` on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -272,17 +274,34 @@ def write_sharded_safetensors(state: dict[str, torch.Tensor], folder: Path, shar
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_tiny_model(path: str | os.PathLike, *, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the tiny checkpoint to `path` (atomically: a temporary sibling folder, then a rename)."""
+@contextlib.contextmanager
+def staged_checkpoint_folder(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder to write a checkpoint into; renamed to `path` only when complete.
+
+    An existing checkpoint at `path` is replaced only with `overwrite`; a non-empty folder that is not a
+    checkpoint is never touched. On any error the staging folder is removed and `path` is unchanged.
+    """
     target = Path(path)
     if target.exists() and not overwrite:
-        if (target / "config.json").is_file() and (target / "model.safetensors.index.json").is_file():
+        if (target / "config.json").is_file():
             raise FileExistsError(f"{target} already holds a checkpoint; pass overwrite=True to replace it")
         if any(target.iterdir()):
             raise FileExistsError(f"{target} exists and is not empty; choose another folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def make_tiny_model(path: str | os.PathLike, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the tiny checkpoint to `path` (atomically: a temporary sibling folder, then a rename)."""
+    with staged_checkpoint_folder(path, overwrite=overwrite) as staging:
         template = json.loads(_asset("ovis2_5_chat_template.json"))["chat_template"]
         ids = _write_tokenizer(staging, template)
         config = _config(ids)
@@ -317,10 +336,4 @@ def make_tiny_model(path: str | os.PathLike, *, seed: int = 0, overwrite: bool =
             f"Written by `ovis-batch make-tiny-model` (seed {seed}) in the official Ovis2.5 layout, for tests "
             "and demos. Nothing it generates means anything.\n"
         )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return Path(path)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (tiny test model): outputs are meaningless"
+from ovis_batch.model.tiny import RANDOM_WEIGHTS_NOTE, staged_checkpoint_folder
 
 # The tokens the converted checkpoints add after Qwen2.5's own, in their id order. The atom is the
 # placeholder the processor repeats `image_seq_length` times per tile; the other five are the visual
@@ -167,15 +166,7 @@ def make_tiny_ovis2_model(path: str | os.PathLike, *, seed: int = 0, overwrite: 
     """Write the tiny Ovis2 checkpoint to `path` (atomically: a temporary sibling folder, then a rename)."""
     from transformers import GenerationConfig, Ovis2ImageProcessorPil, Ovis2Processor
 
-    target = Path(path)
-    if target.exists() and not overwrite:
-        if (target / "config.json").is_file():
-            raise FileExistsError(f"{target} already holds a checkpoint; pass overwrite=True to replace it")
-        if any(target.iterdir()):
-            raise FileExistsError(f"{target} exists and is not empty; choose another folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_checkpoint_folder(path, overwrite=overwrite) as staging:
         tokenizer, unprintable = _build_tokenizer(staging)
         config = _config(tokenizer)
         model = _random_model(config, tokenizer, unprintable, seed)
@@ -205,10 +196,4 @@ def make_tiny_ovis2_model(path: str | os.PathLike, *, seed: int = 0, overwrite: 
             "Ovis2 `-hf` layout that transformers' `Ovis2ForConditionalGeneration` loads, for tests and "
             "demos. Nothing it generates means anything.\n"
         )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return Path(path)
