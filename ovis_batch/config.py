@@ -90,6 +90,11 @@ class CaptionConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU."
     )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="The language model's attention (transformers); the vision tower uses flash-attn's "
+        "varlen kernel on CUDA whenever flash-attn is installed.",
+    )
     replicas: int = Field(1, ge=1, description="Model replicas (Ray actors), each with one resident model.")
     gpus_per_replica: float = Field(0, ge=0, description="GPUs per replica; 0 on CPU-only machines.")
     cpus_per_replica: float = Field(1, gt=0, description="CPUs reserved by each model replica.")

@@ -221,6 +221,7 @@ def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
             "passthrough": plan.passthrough,
             "device": cfg.device,
             "dtype": cfg.dtype,
+            "attn_implementation": cfg.attn_implementation,
             "generation": generation,
             "embedding": cfg.embedding,
             "embedding_dim": embedding_dim,

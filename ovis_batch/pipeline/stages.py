@@ -234,6 +234,7 @@ class CaptionPredictor:
         device: str,
         dtype: str,
         generation: dict[str, Any],
+        attn_implementation: str = "sdpa",
         embedding: str | None,
         embedding_dim: int | None,
         batch_visual_tokens: int,
@@ -246,7 +247,10 @@ class CaptionPredictor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = ovis_batch.load_model(
-            model_source, device=device, dtype=None if dtype == "auto" else dtype
+            model_source,
+            device=device,
+            dtype=None if dtype == "auto" else dtype,
+            attn_implementation=attn_implementation,
         )
         self.id_column, self.passthrough = id_column, passthrough
         self.generation, self.embedding, self.embedding_dim = generation, embedding, embedding_dim
