@@ -197,9 +197,7 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray | list) -> np.ndarray:
     """128-bit hashes of ids as a structured `[n, 2]` uint64 array (collisions are negligible at 1e9 rows)."""
     import pandas as pd
 
-    values = np.asarray(
-        pa.chunked_array([ids]).to_pandas() if isinstance(ids, pa.Array) else ids, dtype=object
-    )
+    values = ids.to_pylist() if isinstance(ids, pa.Array | pa.ChunkedArray) else list(ids)
     values = np.array([str(v) for v in values], dtype=object)
     a = pd.util.hash_array(values, hash_key="ovis-batch-ids-1")
     b = pd.util.hash_array(values, hash_key="ovis-batch-ids-2")
@@ -238,23 +236,29 @@ def repair_duplicates(folder: OutputFolder, id_column: str) -> int:
     """Rewrite shards so that each id appears once (first shard in name order wins); returns rows dropped.
 
     Duplicates cannot come from resume (committed ids are skipped) nor from a retry of the same task
-    (same shard name); this is the safety net for a retry that regrouped rows differently.
+    (same shard name); this is the safety net for a retry that regrouped rows differently. One read of
+    the id columns and one sort find them; only shards that hold a duplicate are rewritten.
     """
-    seen: IdSet | None = None
-    seen_parts: list[np.ndarray] = []
-    dropped = 0
-    for path, table in iter_committed(folder, [id_column]):
-        hashes = id_hashes(table.column(id_column))
-        duplicate = seen.contains(hashes) if seen is not None else np.zeros(len(hashes), bool)
-        if duplicate.any():
-            full = pq.read_table(path, filesystem=folder.fs)
-            keep = full.filter(pa.array(~duplicate))
-            dropped += int(duplicate.sum())
-            if keep.num_rows:
-                meta = json.loads(full.schema.metadata[METADATA_KEY])
-                write_shard(folder, keep, id_column, meta)
-            folder.fs.delete_file(path)
-            hashes = hashes[~duplicate]
-        seen_parts.append(hashes)
-        seen = IdSet(np.concatenate(seen_parts))
+    shards = [
+        (path, id_hashes(table.column(id_column))) for path, table in iter_committed(folder, [id_column])
+    ]
+    if not shards:
+        return 0
+    keys = as_keys(np.concatenate([hashes for _, hashes in shards]))
+    order = np.argsort(keys, kind="stable")  # equal ids keep shard-name order: the first one stays
+    ordered = keys[order]
+    repeated = np.zeros(len(keys), dtype=bool)
+    repeated[order[1:][ordered[1:] == ordered[:-1]]] = True
+    dropped, start = 0, 0
+    for path, hashes in shards:
+        duplicate = repeated[start : start + len(hashes)]
+        start += len(hashes)
+        if not duplicate.any():
+            continue
+        full = pq.read_table(path, filesystem=folder.fs)
+        keep = full.filter(pa.array(~duplicate))
+        dropped += int(duplicate.sum())
+        if keep.num_rows:
+            write_shard(folder, keep, id_column, json.loads(full.schema.metadata[METADATA_KEY]))
+        folder.fs.delete_file(path)
     return dropped
