@@ -62,7 +62,7 @@ from ovis_batch.model.preprocess import (
     smart_resize,
     validate_pixel_limits,
 )
-from ovis_batch.model.prompts import IMAGE_SUMMARY_PROMPT, TEXT_SUMMARY_PROMPT
+from ovis_batch.model.prompts import IMAGE_SUMMARY_PROMPT, TEXT_SUMMARY_PROMPT, render_user_turn
 
 ImageLike = PIL.Image.Image | np.ndarray
 IMAGE_TAG = "<image>"  # what the chat template writes for an image; the processor expands it
@@ -233,19 +233,9 @@ class Ovis2Model(VisionLanguageModel):
 
     # ------------------------------------------------------------------------------------------ prompts
 
-    def _render(self, prompt: str, with_image: bool) -> str:
-        content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
-        content.append({"type": "text", "text": prompt})
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-
     def _prompt_ids(self, prompt: str, image: Ovis2Input | None) -> list[int]:
         """Prompt ids as the processor makes them: `<image>` replaced by the image's placeholder, then tokenised."""
-        text = self._render(prompt, with_image=image is not None)
+        text = render_user_turn(self.tokenizer, self.chat_template, prompt, with_image=image is not None)
         expected = 0 if image is None else 1
         if text.count(IMAGE_TAG) != expected:
             raise ValueError(

@@ -51,6 +51,21 @@ class SpecialTokens:
         return cls(**ids)
 
 
+def render_user_turn(
+    tokenizer, chat_template: str, prompt: str, *, with_image: bool, **template_kwargs
+) -> str:
+    """One user turn (an optional image, then the prompt) and the generation prompt, rendered as text."""
+    content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": prompt})
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}],
+        chat_template=chat_template,
+        tokenize=False,
+        add_generation_prompt=True,
+        **template_kwargs,
+    )
+
+
 class PromptBuilder:
     """Turns (prompt text, visual token counts) into the id sequence the model consumes."""
 
@@ -64,14 +79,8 @@ class PromptBuilder:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def render(self, prompt: str, with_image: bool, thinking: bool) -> str:
-        content = [{"type": "image"}] if with_image else []
-        content.append({"type": "text", "text": prompt})
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=thinking,
+        return render_user_turn(
+            self.tokenizer, self.chat_template, prompt, with_image=with_image, enable_thinking=thinking
         )
 
     def build(self, prompt: str, visual_tokens: int | None, thinking: bool) -> list[int]:
