@@ -206,6 +206,30 @@ def patchify(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ordered).reshape(grid_h * grid_w, PATCH_DIM)
 
 
+def unpatchify(patches: np.ndarray, grid_thw: tuple[int, int, int]) -> np.ndarray:
+    """The inverse of `patchify`: uint8 patches in 2x2 merge-block order -> uint8 [H, W, 3].
+
+    Engines that take an image rather than patches (vLLM) get exactly the pixels the vision tower
+    would see here: the resized image, rebuilt without another resize.
+    """
+    t, grid_h, grid_w = (int(v) for v in grid_thw)
+    if (
+        t != 1
+        or grid_h % HIDDEN_STRIDE
+        or grid_w % HIDDEN_STRIDE
+        or patches.shape != (grid_h * grid_w, PATCH_DIM)
+    ):
+        raise ValueError(
+            f"patches {patches.shape} do not match the grid {tuple(grid_thw)} of one image "
+            f"(expected [{grid_h * grid_w}, {PATCH_DIM}] with even grid sides)"
+        )
+    s, p = HIDDEN_STRIDE, PATCH_SIZE
+    ordered = patches.reshape(grid_h // s, grid_w // s, s, s, 3, p, p)
+    # (block_row, block_col, sub_row, sub_col, c, y, x) -> (block_row, sub_row, y, block_col, sub_col, x, c)
+    pixels = ordered.transpose(0, 2, 5, 1, 3, 6, 4)
+    return np.ascontiguousarray(pixels).reshape(grid_h * p, grid_w * p, 3)
+
+
 def normalize_patches(patches: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """uint8 patches -> pixel values (x/255 - 0.5)/0.5, bit-identical to upstream in float32.
 

@@ -19,6 +19,7 @@ from ovis_batch.model.preprocess import (
     patchify,
     prepare_image,
     smart_resize,
+    unpatchify,
 )
 
 FIXTURE_LIMITS = {"min_pixels": 4096, "max_pixels": 65536}
@@ -194,6 +195,27 @@ def test_patchify_first_rows_are_the_top_left_block():
 def test_patchify_rejects_sides_off_the_grid():
     with pytest.raises(ValueError):
         patchify(np.zeros((48, 64, 3), dtype=np.uint8))
+
+
+def test_unpatchify_rebuilds_the_resized_image():
+    pixels = np.random.default_rng(3).integers(0, 256, size=(96, 160, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(unpatchify(patchify(pixels), (1, 6, 10)), pixels)
+
+
+def test_unpatchified_image_is_a_fixed_point_of_preparation():
+    """An engine given the rebuilt image and the same limits sees the same grid and the same pixels."""
+    photo = Image.fromarray(np.random.default_rng(4).integers(0, 256, size=(250, 150, 3), dtype=np.uint8))
+    first = prepare_image(photo, **FIXTURE_LIMITS)
+    rebuilt = Image.fromarray(unpatchify(first.patches, first.grid_thw))
+    assert rebuilt.size == (first.input_width, first.input_height)
+    again = prepare_image(rebuilt, **FIXTURE_LIMITS)
+    assert again.grid_thw == first.grid_thw
+    np.testing.assert_array_equal(again.patches, first.patches)
+
+
+def test_unpatchify_rejects_a_grid_that_does_not_match():
+    with pytest.raises(ValueError, match="do not match the grid"):
+        unpatchify(np.zeros((60, 768), dtype=np.uint8), (1, 6, 8))
 
 
 # --------------------------------------------------------------------------------------- normalisation
