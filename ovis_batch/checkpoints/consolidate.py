@@ -9,10 +9,13 @@ is returned as it is; otherwise (weights only inside ZeRO files) the checkpoint 
 into a cache folder, keyed by the ZeRO files' names, sizes and modification times, and that folder is
 returned, so that every later load (every actor of a batch job) reads plain safetensors.
 
-Precision: a checkpoint's own weights are written in the precision they are stored in; weights
-rebuilt from ZeRO-3 partitions are cast to the precision the model trained in (bf16/fp16 from the
-DeepSpeed config), which is exactly the 16-bit weights the model ran with. `from_optimizer=True`
-takes the fp32 master weights from the optimizer partitions instead.
+Precision (decided by `layout.weights_precision`): by default, and for `load_model`, the weights the
+model ran with: a checkpoint's own weights as stored, and for ZeRO-3 partitions the fp32 masters
+rounded to the precision the model trained in (bf16/fp16 from the DeepSpeed config), which gives
+exactly its 16-bit weights. Asking a ZeRO checkpoint of a 16-bit run for another precision (fp32
+above all) reads the fp32 master weights of the optimizer partitions, the values DeepSpeed's own
+`zero_to_fp32` gives, never the 16-bit copy cast back up. `from_optimizer=True` takes the masters
+whatever the precision.
 """
 
 from __future__ import annotations
@@ -30,46 +33,56 @@ from pathlib import Path
 import torch
 
 from ovis_batch.checkpoints.layout import (
+    PRECISIONS,
     WEIGHTS_SAFETENSORS,
     WEIGHTS_ZERO_16BIT,
-    WEIGHTS_ZERO_PARTITIONS,
+    WEIGHTS_ZERO_FP32_MASTER,
     CheckpointLayout,
+    WeightsPrecision,
     checkpoint_stamp,
     describe_checkpoint,
+    weights_precision,
 )
 from ovis_batch.checkpoints.zero import zero_16bit_weights, zero_fp32_weights
 from ovis_batch.model.checkpoint import CheckpointError, iter_tensors
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = PRECISIONS
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 CACHE_ENV = "OVIS_BATCH_CACHE_DIR"
 _CACHE_FORMAT = 1  # bump when the cache folder's contents change meaning
 
 
-def checkpoint_weights(layout: CheckpointLayout, *, from_optimizer: bool = False) -> dict[str, torch.Tensor]:
-    """The checkpoint's whole weights (see the module docstring for where they come from)."""
-    zero = layout.zero
-    if from_optimizer:
-        if zero is None or not zero.optim_files:
-            raise CheckpointError(
-                f"{layout.path} holds no DeepSpeed ZeRO optimizer partitions, so there are no fp32 master "
-                "weights to take; drop --from-optimizer"
-            )
-        return zero_fp32_weights(zero)
-    if layout.weights_source == WEIGHTS_SAFETENSORS:
-        return dict(iter_tensors(layout.safetensors))
-    if layout.weights_source == WEIGHTS_ZERO_16BIT:
-        return zero_16bit_weights(zero)
-    if layout.weights_source == WEIGHTS_ZERO_PARTITIONS:
-        dtype = zero.training_dtype
-        cast: dict[int, torch.Tensor] = {}  # one cast per distinct tensor, so tied names stay one tensor
-        state = {}
-        for name, tensor in zero_fp32_weights(zero).items():
-            if id(tensor) not in cast:
-                cast[id(tensor)] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-            state[name] = cast[id(tensor)]
+def checkpoint_weights(
+    layout: CheckpointLayout, *, dtype: str | None = None, from_optimizer: bool = False
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's whole weights in `dtype` ("bf16", "fp16", "fp32"; None: the model-source default).
+
+    Where they come from is `weights_precision`'s decision (see the module docstring).
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    precision = weights_precision(layout, DTYPES.get(dtype), from_optimizer=from_optimizer)
+    return read_weights(layout, precision)
+
+
+def read_weights(layout: CheckpointLayout, precision: WeightsPrecision) -> dict[str, torch.Tensor]:
+    """Read the weights `precision` names and cast them once, straight from the file read, to its dtype."""
+    if precision.source == WEIGHTS_ZERO_FP32_MASTER:
+        state = zero_fp32_weights(layout.zero)
+    elif precision.source == WEIGHTS_ZERO_16BIT:
+        state = zero_16bit_weights(layout.zero)
+    elif precision.source == WEIGHTS_SAFETENSORS:
+        state = dict(iter_tensors(layout.safetensors))
+    else:
+        raise AssertionError(f"unknown weights source {precision.source!r}")
+    if precision.dtype is None:
         return state
-    raise AssertionError(f"unknown weights source {layout.weights_source!r}")
+    cast: dict[int, torch.Tensor] = {}  # one cast per distinct tensor, so tied names stay one tensor
+    for name, tensor in state.items():
+        if id(tensor) not in cast:
+            cast[id(tensor)] = tensor.to(precision.dtype) if tensor.is_floating_point() else tensor
+        state[name] = cast[id(tensor)]
+    return state
 
 
 def consolidate_checkpoint(
@@ -93,14 +106,16 @@ def consolidate_checkpoint(
             f"{destination} exists and is not empty; choose another folder or pass overwrite"
         )
     layout = describe_checkpoint(source, read_state=False)
-    state = checkpoint_weights(layout, from_optimizer=from_optimizer)
+    # The precision is chosen before reading, not cast afterwards: fp32 asked of a 16-bit ZeRO run
+    # must read the optimizer's fp32 masters, which a cast of the 16-bit weights cannot give back.
+    precision = weights_precision(layout, DTYPES.get(dtype), from_optimizer=from_optimizer)
+    state = read_weights(layout, precision)
     state = _drop_tied(state, layout.config)
     _check_names(layout, set(state))
-    if dtype is not None:
-        state = {n: t.to(DTYPES[dtype]) if t.is_floating_point() else t for n, t in state.items()}
     provenance = {
         "consolidated_from": str(source.resolve()),
-        "weights_from": "zero-fp32-master" if from_optimizer else layout.weights_source,
+        "weights_from": precision.source,
+        "weights_precision": precision.description,
     }
     if layout.zero is not None:
         provenance["zero_tag"] = layout.zero.tag

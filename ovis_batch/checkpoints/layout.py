@@ -10,6 +10,10 @@ Where the weights come from, in order of preference:
 2. ZeRO-1/2: the whole 16-bit module in `global_stepN/mp_rank_00_model_states.pt`;
 3. ZeRO-3 without gathered weights: the fp32 master partitions, consolidated (see `zero.py`).
 
+Which precision those weights end in, and whether the fp32 master weights of the ZeRO optimizer
+partitions are read instead, depends on the precision asked for: `weights_precision` decides it, for
+`consolidate_checkpoint` and for the report of `checkpoint inspect` alike.
+
 What does not live here: reading tensors out of ZeRO files (`zero.py`) and writing inference
 checkpoints (`consolidate.py`).
 """
@@ -21,6 +25,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ovis_batch.checkpoints.zero import (
     ZeroCheckpoint,
@@ -65,6 +71,12 @@ INFERENCE_PATTERNS = (
 WEIGHTS_SAFETENSORS = "safetensors"
 WEIGHTS_ZERO_16BIT = "zero-16bit"
 WEIGHTS_ZERO_PARTITIONS = "zero-partitions"
+# Not a place the default load reads from, but what a consolidation may read: the optimizer partitions.
+WEIGHTS_ZERO_FP32_MASTER = "zero-fp32-master"
+
+# The precisions a consolidation can be asked for, by their command-line names.
+PRECISIONS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,7 @@ class CheckpointLayout:
     inference_files: list[Path] = field(default_factory=list)
     resume_only_files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stored_dtypes: list[str] = field(default_factory=list)  # of the top-level safetensors, e.g. ["bfloat16"]
 
     @property
     def is_trainer(self) -> bool:
@@ -178,7 +191,7 @@ def describe_checkpoint(path: Path, *, read_state: bool = True) -> CheckpointLay
     has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
     safetensors = weight_files(path) if has_safetensors or zero is None else []
     layout = CheckpointLayout(path=path, config=config, safetensors=safetensors, zero=zero)
-    top_names = _safetensors_shapes(safetensors)
+    top_names, layout.stored_dtypes = _safetensors_shapes(safetensors)
     if _ties_embeddings(config):
         top_names.pop("llm.lm_head.weight", None)
     if zero is not None:
@@ -211,6 +224,107 @@ def describe_checkpoint(path: Path, *, read_state: bool = True) -> CheckpointLay
     if absent:
         layout.notes.append(f"no {' or '.join(absent)}: ovis-batch uses its own defaults for them")
     return layout
+
+
+@dataclass(frozen=True)
+class WeightsPrecision:
+    """Which weights a load or a consolidation reads, and the precision it gives them."""
+
+    source: str  # WEIGHTS_SAFETENSORS, WEIGHTS_ZERO_16BIT or WEIGHTS_ZERO_FP32_MASTER
+    dtype: torch.dtype | None  # what every floating-point tensor is cast to; None: each as read
+    description: str  # for people: which file, which weights, what rounding
+
+    @property
+    def dtype_name(self) -> str | None:
+        return _dtype_name(self.dtype) if self.dtype is not None else None
+
+
+def weights_precision(
+    layout: CheckpointLayout, dtype: torch.dtype | None = None, *, from_optimizer: bool = False
+) -> WeightsPrecision:
+    """Where the weights of `layout` come from when `dtype` is asked for (None: the model-source default).
+
+    A DeepSpeed run in bf16 or fp16 keeps two copies of each trained weight: the fp32 master weights
+    in the optimizer partitions, which the optimizer updates, and the 16-bit module weights the model
+    computes with, which are those masters rounded once after every step. So:
+    - the precision the model trained in, or none asked (what `load_model` reads): the 16-bit module
+      weights; ZeRO-3 keeps no whole ones, so the masters are rounded to it, which gives the same bits;
+    - any other precision, fp32 above all: the masters, rounded at most once. Casting the 16-bit copy
+      instead would hand out bf16-rounded values (about 3 significant digits) as if they were fp32;
+    - a checkpoint without ZeRO files, or a ZeRO run in fp32 (one copy): the stored weights, cast.
+    `from_optimizer` takes the masters whatever the precision. Errors name the missing files.
+    """
+    zero = layout.zero
+    if from_optimizer:
+        if zero is None or not zero.has_fp32_masters:
+            raise CheckpointError(
+                f"{layout.path} holds no DeepSpeed ZeRO optimizer partitions, so there are no fp32 master "
+                "weights to take; drop --from-optimizer"
+            )
+        return _from_masters(zero, dtype)
+    trained = zero.training_dtype if zero is not None else None
+    if zero is not None and trained != torch.float32 and dtype not in (None, trained):
+        if not zero.has_fp32_masters:
+            short = {v: k for k, v in PRECISIONS.items()}[trained]
+            raise CheckpointError(
+                f"{zero.folder} holds no optimizer partitions (*_optim_states.pt), which is where this "
+                f"{_dtype_name(trained)} run keeps its fp32 master weights; {_dtype_name(dtype)} weights would "
+                f"only be its {_dtype_name(trained)} weights recast. Copy those files from the training run's "
+                f"{zero.tag}/ folder, or ask for --dtype {short} (the weights the model ran with)"
+            )
+        return _from_masters(zero, dtype)
+    if layout.weights_source == WEIGHTS_ZERO_PARTITIONS:
+        return _from_masters(zero, dtype or trained)
+    if layout.weights_source == WEIGHTS_ZERO_16BIT:
+        what = f"the whole module weights in {zero.tag}/{zero.model_state_files[0].name}"
+        if trained != torch.float32:
+            what += " (the 16-bit weights the model ran with)"
+        return _stored(WEIGHTS_ZERO_16BIT, what, trained, dtype)
+    stored = getattr(torch, layout.stored_dtypes[0]) if len(layout.stored_dtypes) == 1 else None
+    return _stored(WEIGHTS_SAFETENSORS, "the top-level safetensors", stored, dtype)
+
+
+def _stored(
+    source: str, what: str, stored: torch.dtype | None, dtype: torch.dtype | None
+) -> WeightsPrecision:
+    """Weights read as a checkpoint holds them, cast to `dtype` when that differs."""
+    if dtype is None or dtype == stored:
+        held = _dtype_name(stored) if stored is not None else "as stored"
+        return WeightsPrecision(source, stored, f"{held}, {what}")  # casting to `stored` copies nothing
+    held = _dtype_name(stored) if stored is not None else "mixed precisions"
+    return WeightsPrecision(source, dtype, f"{_dtype_name(dtype)}, {what} ({held}) cast")
+
+
+def _from_masters(zero: ZeroCheckpoint, dtype: torch.dtype | None) -> WeightsPrecision:
+    """The fp32 master weights of the optimizer partitions, rounded once to `dtype` if it is narrower."""
+    where = f"the fp32 master weights in {zero.tag}/*_optim_states.pt"
+    trained = _dtype_name(zero.training_dtype)
+    if dtype is None or dtype == torch.float32:
+        text = f"float32, {where} (the values DeepSpeed's zero_to_fp32 gives)"
+        if zero.frozen_parameters and zero.training_dtype != torch.float32:
+            # Parameters trained frozen get no optimizer state: their 16-bit weights are all there is.
+            kept = "upcast" if dtype is not None else "kept in it"
+            text += f"; the {zero.frozen_parameters} frozen parameters have no master: their {trained} weights, {kept}"
+    elif dtype == zero.training_dtype:
+        text = f"{trained}, {where} rounded to it: the 16-bit weights the model ran with"
+    else:
+        text = f"{_dtype_name(dtype)}, {where} rounded to it"
+    return WeightsPrecision(WEIGHTS_ZERO_FP32_MASTER, dtype, text)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def precision_choices(layout: CheckpointLayout) -> dict[str, WeightsPrecision | CheckpointError]:
+    """What a load (`model_source`) and each `consolidate --dtype` would give, or why it cannot."""
+    choices: dict[str, WeightsPrecision | CheckpointError] = {}
+    for name, dtype in [("model_source", None), *PRECISIONS.items()]:
+        try:
+            choices[name] = weights_precision(layout, dtype)
+        except CheckpointError as err:
+            choices[name] = err
+    return choices
 
 
 def weight_bearing_files(layout: CheckpointLayout) -> list[Path]:
@@ -247,12 +361,18 @@ def _ties_embeddings(config: dict) -> bool:
     return bool(llm.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
 
 
-def _safetensors_shapes(files: list[Path]) -> dict[str, list[int]]:
+def _safetensors_shapes(files: list[Path]) -> tuple[dict[str, list[int]], list[str]]:
+    """Every tensor's shape, and the floating-point precisions stored, from the files' headers."""
     shapes: dict[str, list[int]] = {}
+    dtypes: set[str] = set()
     for f in files:
         header = check_safetensors(f)
-        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
-    return shapes
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        shapes.update({k: v["shape"] for k, v in tensors.items()})
+        dtypes.update(
+            _SAFETENSORS_DTYPES[v["dtype"]] for v in tensors.values() if v["dtype"] in _SAFETENSORS_DTYPES
+        )
+    return shapes, sorted(dtypes)
 
 
 def training_run_checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -313,6 +433,16 @@ def layout_summary(layout: CheckpointLayout) -> dict:
             "training_dtype": str(zero.training_dtype).removeprefix("torch."),
             "deepspeed_version": zero.ds_version,
         },
+        "precision": {
+            name: {"error": str(choice)}
+            if isinstance(choice, CheckpointError)
+            else {
+                "dtype": choice.dtype_name,
+                "weights_from": choice.source,
+                "description": choice.description,
+            }
+            for name, choice in precision_choices(layout).items()
+        },
         "inference_files": [p.name for p in layout.inference_files],
         "resume_only_files": [str(p.relative_to(layout.path)) for p in layout.resume_only_files],
         "notes": layout.notes,
@@ -342,13 +472,31 @@ def format_layout(layout: CheckpointLayout) -> str:
         rows.append(
             ("", f"from {layout.zero.tag}/*_optim_states.pt (fp32 masters; their Adam moments only resume)")
         )
+    rows += _precision_rows(layout)
     if layout.parameter_count is not None:
         rows.append(("parameters", f"{layout.parameter_count:,}"))
     rows.append(("inference", ", ".join(s["inference_files"]) + " + the weights above"))
     resume = [f"{name} ({_human(_size(layout.path / name))})" for name in s["resume_only_files"]]
     rows.append(("resume only", ", ".join(resume) or "-"))
+    if layout.zero is not None and set(layout.zero.optim_files) & set(layout.resume_only_files):
+        rows.append(("", "(a load does not need the *_optim_states.pt; consolidate --dtype fp32 reads them)"))
     if any(p.name.startswith("zero_to_") for p in layout.resume_only_files):
         rows.append(("", "(the zero_to_*.py scripts are never executed by ovis-batch)"))
     rows += [("note", note) for note in layout.notes]
     width = max(len(k) for k, _ in rows)
     return "\n".join([str(layout.path), *(f"  {k:<{width}}  {v}" for k, v in rows)])
+
+
+def _precision_rows(layout: CheckpointLayout) -> list[tuple[str, str]]:
+    """One line per precision: what loading gives, and what each `consolidate --dtype` reads."""
+    choices = precision_choices(layout)
+    source = choices["model_source"]
+    if layout.zero is None:  # one copy of the weights: every precision is a cast of it
+        assert isinstance(source, WeightsPrecision)
+        return [("precision", f"as a model source: {source.description}; consolidate --dtype casts it")]
+    rows = []
+    for name, choice in choices.items():
+        label = "as a model source" if name == "model_source" else f"consolidate --dtype {name}"
+        text = f"not available ({choice})" if isinstance(choice, CheckpointError) else choice.description
+        rows.append(("precision" if not rows else "", f"{label}: {text}"))
+    return rows

@@ -12,7 +12,8 @@ The file format, as DeepSpeed writes it (stage <= 2 / stage 3):
   `module` (the whole 16-bit state dict / empty placeholders), `param_shapes` (one ordered
   name -> shape dict per optimizer parameter group, in flattening order), `shared_params`
   (tied name -> source name), `buffer_names`, `frozen_param_shapes` and `frozen_param_fragments`
-  (parameters without gradients: whole / this rank's slice), `dp_world_size`, `ds_config`.
+  (parameters without gradients: whole / this rank's slice; ZeRO-1 records neither, its frozen
+  parameters are only in `module`), `dp_world_size`, `ds_config`.
 - `*_zero_pp_rank_R_mp_rank_00_optim_states.pt`, one per rank, `optimizer_state_dict` with
   `zero_stage`, `partition_count` (the world size the partitions were cut for) and the fp32 master
   weights: `single_partition_of_fp32_groups` (per group, rank R's equal slice of the group's flat,
@@ -97,6 +98,7 @@ class ZeroCheckpoint:
     optim_files: list[Path]
     ds_config: dict = field(default_factory=dict)
     ds_version: str | None = None
+    frozen_parameters: int = 0  # parameters trained without gradients: no fp32 master, only 16-bit weights
 
     @property
     def tag(self) -> str:
@@ -110,6 +112,11 @@ class ZeroCheckpoint:
         if (self.ds_config.get("fp16") or {}).get("enabled"):
             return torch.float16
         return torch.float32
+
+    @property
+    def has_fp32_masters(self) -> bool:
+        """Whether the optimizer partitions, which hold the fp32 master weights, are in this copy."""
+        return bool(self.optim_files)
 
     @property
     def has_whole_16bit_weights(self) -> bool:
@@ -207,6 +214,11 @@ def read_zero_checkpoint(folder: Path) -> ZeroCheckpoint:
         optim_files=optim_files,
         ds_config=ds_config,
         ds_version=first.get("ds_version"),
+        frozen_parameters=len(
+            _unmastered_module_weights(first, model_files[0])
+            if stage <= 2
+            else first.get("frozen_param_shapes") or {}
+        ),
     )
 
 
@@ -217,6 +229,9 @@ def zero_parameter_shapes(zero: ZeroCheckpoint) -> dict[str, torch.Size]:
     for group in _param_shape_groups(states, zero.model_state_files[0]):
         shapes.update(group)
     shapes.update(states.get("frozen_param_shapes") or {})
+    if zero.stage <= 2:
+        unmastered = _unmastered_module_weights(states, zero.model_state_files[0])
+        shapes.update({name: tensor.shape for name, tensor in unmastered.items()})
     return {name: torch.Size(shape) for name, shape in shapes.items()}
 
 
@@ -242,8 +257,9 @@ def zero_fp32_weights(zero: ZeroCheckpoint) -> dict[str, torch.Tensor]:
     """Whole fp32 master weights rebuilt from every rank's optimizer partition (as zero_to_fp32 does).
 
     Trainable parameters come from the partitions; frozen ones (no optimizer state) from the model
-    states, in the precision they were trained in; persistent buffers from rank 0's module; tied names
-    point at the same tensor as their source.
+    states, in the precision they were trained in (ZeRO-1 lists them nowhere but in its whole module,
+    and DeepSpeed's own reader leaves them out; here they are kept); persistent buffers from rank 0's
+    module; tied names point at the same tensor as their source.
     """
     if not zero.optim_files:
         raise CheckpointError(f"{zero.folder} holds no optimizer partitions (*_optim_states.pt)")
@@ -268,6 +284,8 @@ def zero_fp32_weights(zero: ZeroCheckpoint) -> dict[str, torch.Tensor]:
         paddings = optimizers[0].get("param_alignment_paddings")
         state.update(_merge_stage12(zero, shape_groups, partitions, paddings))
         state.update(model_states[0].get("frozen_param_fragments") or {})
+        for name, tensor in _unmastered_module_weights(model_states[0], zero.model_state_files[0]).items():
+            state.setdefault(name, tensor)
     else:
         state.update(_merge_stage3(zero, shape_groups, partitions))
         state.update(_merge_stage3_frozen(zero, model_states))
@@ -287,6 +305,16 @@ def _param_shape_groups(states: dict, path: Path) -> list[dict[str, Any]]:
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise CheckpointError(f"{path} has no `param_shapes`; it is not a DeepSpeed model-states file")
     return groups
+
+
+def _unmastered_module_weights(states: dict, path: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-1/2: the whole module's parameters that no optimizer group holds (trained frozen), 16-bit.
+
+    ZeRO-2 also lists them in `frozen_param_shapes`; ZeRO-1 does not, so the module is the only record.
+    """
+    trainable = {name for group in _param_shape_groups(states, path) for name in group}
+    skip = trainable | set(states.get("buffer_names") or []) | set(states.get("shared_params") or {})
+    return {name: t for name, t in (states.get("module") or {}).items() if name not in skip}
 
 
 def _zero_optimizer_state(zero: ZeroCheckpoint, path: Path) -> dict[str, Any]:

@@ -130,12 +130,13 @@ def write_zero_folder(
                 padded = torch.cat([t.reshape(-1), torch.zeros(per * world_size - t.numel())])
                 fragments[n] = padded[r * per : (r + 1) * per].to(torch.bfloat16).clone()
             module = {n: torch.empty(0, dtype=torch.bfloat16) for n in [*whole, *shared]}
+        # ZeRO-1 records frozen parameters nowhere but in the whole module (DeepSpeed saves None).
         model_states = {
             "module": module,
             "buffer_names": [],
             "param_shapes": shapes,
-            "frozen_param_shapes": {n: t.shape for n, t in frozen.items()},
-            "frozen_param_fragments": fragments,
+            "frozen_param_shapes": {n: t.shape for n, t in frozen.items()} if stage >= 2 else None,
+            "frozen_param_fragments": fragments if stage >= 2 else None,
             "shared_params": shared,
             "dp_world_size": world_size,
             "ds_config": config,

@@ -66,8 +66,8 @@ def test_partitions_of_any_world_size_rebuild_the_tensors(tmp_path, stage, world
     assert torch.equal(rebuilt["tower.weight"], frozen["tower.weight"].to(torch.bfloat16))  # no fp32 master
     assert rebuilt["head.weight"] is rebuilt["embed.weight"]
     reference = deepspeed_reference(tmp_path)
-    if reference is not None:
-        assert set(reference) == set(rebuilt)
+    if reference is not None:  # DeepSpeed's reader leaves out ZeRO-1's frozen parameters; we keep them
+        assert set(reference) == set(rebuilt) - ({"tower.weight"} if stage == 1 else set())
         assert all(torch.equal(rebuilt[n].contiguous(), reference[n]) for n in reference)
     if stage <= 2:
         whole = zero_16bit_weights(checkpoint)
