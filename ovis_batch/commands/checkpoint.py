@@ -23,12 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],
-        help="weight precision (default: as stored; ZeRO-3 partitions: the precision the model trained in)",
+        help="weight precision (default: as stored; ZeRO checkpoints: the 16-bit weights the model ran with); "
+        "fp32 of a bf16/fp16 DeepSpeed run reads the fp32 master weights of its optimizer partitions, "
+        "as DeepSpeed's zero_to_fp32 does (`checkpoint inspect` says what each precision reads)",
     )
     c.add_argument(
         "--from-optimizer",
         action="store_true",
-        help="take the fp32 master weights from the ZeRO optimizer partitions",
+        help="take the fp32 master weights from the ZeRO optimizer partitions whatever --dtype asks",
     )
     c.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors shard (GiB)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
