@@ -13,13 +13,14 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load_model", "make_tiny_model"]
 
 if TYPE_CHECKING:
-    from ovis_batch.model.runtime import load_model
+    from ovis_batch.checkpoints.sources import load_model
     from ovis_batch.model.tiny import make_tiny_model
 
 
 def __getattr__(name: str) -> Any:
     if name == "load_model":
-        from ovis_batch.model.runtime import load_model
+        # The runtime's load_model, with training checkpoints (Trainer, DeepSpeed ZeRO) resolved first.
+        from ovis_batch.checkpoints.sources import load_model
 
         return load_model
     if name == "make_tiny_model":

@@ -8,7 +8,9 @@
 `layout.py` sorts a directory's parts and reads `trainer_state.json`; `zero.py` reads DeepSpeed's
 files safely (`torch.load(weights_only=True)` with DeepSpeed's few pickled classes mapped to inert
 stand-ins) and rebuilds whole tensors from ZeRO partitions; `consolidate.py` writes clean inference
-checkpoints and the cached folder `load_model` reads. Nothing shipped inside a checkpoint (such as
+checkpoints and the cached folder `load_model` reads; `sources.py` is `ovis_batch.load_model` and
+`model_identity` for every model source (the model runtime itself reads only plain checkpoint folders
+and hub ids). Nothing shipped inside a checkpoint (such as
 `zero_to_fp32.py`) is ever executed. Evaluating a whole run lives in `workflows/eval_checkpoints.py`.
 """
 
@@ -27,6 +29,7 @@ from ovis_batch.checkpoints.layout import (
     read_trainer_state,
     training_run_checkpoints,
 )
+from ovis_batch.checkpoints.sources import load_model, model_identity, resolve_model_source
 
 __all__ = [
     "CheckpointLayout",
@@ -37,7 +40,10 @@ __all__ = [
     "describe_checkpoint",
     "format_layout",
     "layout_summary",
+    "load_model",
+    "model_identity",
     "read_trainer_state",
     "resolve_model_dir",
+    "resolve_model_source",
     "training_run_checkpoints",
 ]

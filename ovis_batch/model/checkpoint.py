@@ -1,4 +1,4 @@
-"""Finding, checking and reading checkpoint directories in the official Hugging Face layout.
+"""Finding, checking and reading checkpoint folders (Ovis2.5 in either layout, see `layouts.py`; Ovis2).
 
 Everything here fails early and by name: a missing `config.json`, a shard named by the index that is not
 on disk, a truncated or corrupt safetensors file, an unknown `model_type`, a tokenizer without a chat
@@ -30,16 +30,17 @@ class CheckpointError(UsageError, RuntimeError):
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A local folder as it is; an `org/name` hub id through the ordinary Hugging Face download cache."""
+    """A local folder as it is; an `org/name` hub id through the ordinary Hugging Face download cache.
+
+    Training checkpoints are resolved above the model layer: `ovis_batch.checkpoints.resolve_model_source`.
+    """
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json")
-        # Training checkpoints (Trainer checkpoint-N, DeepSpeed ZeRO) become a folder in the official
-        # layout (ZeRO partitions are consolidated once into a cache); released folders come back as is.
-        from ovis_batch.checkpoints import resolve_model_dir
-
-        return resolve_model_dir(path)
+        # Training checkpoints whose weights live only in DeepSpeed ZeRO files are consolidated above this
+        # layer (`ovis_batch.checkpoints.sources`); the model runtime reads plain checkpoint folders.
+        return path
     text = str(source)
     if not _HUB_ID.match(text):
         raise CheckpointError(f"model source {text!r} is neither an existing folder nor a hub id (org/name)")
@@ -93,6 +94,11 @@ def weight_files(folder: Path) -> list[Path]:
         if not files:
             bins = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
             hint = f" (found {', '.join(bins)}: convert them to safetensors first)" if bins else ""
+            if (folder / "latest").is_file() or any(folder.glob("global_step*")):
+                hint = (
+                    " (it holds DeepSpeed ZeRO files: load it with ovis_batch.load_model or any --model, "
+                    "which consolidate them once, or run `ovis-batch checkpoint consolidate`)"
+                )
             raise CheckpointError(f"no *.safetensors weights in {folder}{hint}")
     for f in files:
         check_safetensors(f)
@@ -187,8 +193,10 @@ def model_identity(source: str | os.PathLike) -> dict:
     config = read_config(folder)
     files = weight_files(folder)
     if config["model_type"] == "ovis2_5":
+        from ovis_batch.model.layouts import official_config  # layouts.py imports this module
+
         chat_template(folder)  # a folder without one cannot prompt the model: fail before any work
-        hidden = config["llm_config"]["hidden_size"]
+        hidden = official_config(config, folder / "config.json")["llm_config"]["hidden_size"]
     else:
         hidden = config.get("text_config", {}).get("hidden_size") or config["hidden_size"]
     return {

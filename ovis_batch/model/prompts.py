@@ -4,7 +4,8 @@ The rendered prompt is `<|im_start|>user\\n<image>\\n{prompt}<|im_end|>\\n<|im_s
 by an empty think block when thinking is off. The text around `<image>` is tokenised in separate chunks
 (so the newlines on each side stay two `\\n` tokens, as upstream tokenises them), and each `<image>`
 becomes `[image start] + [atom] * visual_tokens + [image end]` with the negative placeholder ids of
-`ovis2_5.py`.
+`ovis2_5.py`. A native-layout chat template renders the tokenizer's image token (`<|image_pad|>`) where
+the official one renders `<image>`; either tag is found by rendering (`rendered_image_tag`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,19 @@ def render_user_turn(
     )
 
 
+def rendered_image_tag(tokenizer, chat_template: str) -> str:
+    """The text the chat template renders for an image: `<image>` (official layout), or the tokenizer's
+    declared image token (transformers' native layout renders `<|image_pad|>`)."""
+    text = render_user_turn(tokenizer, chat_template, "", with_image=True)
+    for tag in (IMAGE_TAG, getattr(tokenizer, "image_token", None)):
+        if tag and tag in text:
+            return tag
+    raise ValueError(
+        f"the chat template renders an image as neither {IMAGE_TAG!r} nor the tokenizer's image token "
+        f"(rendered: {text!r}); copy chat_template.json from the released model"
+    )
+
+
 class PromptBuilder:
     """Turns (prompt text, visual token counts) into the id sequence the model consumes."""
 
@@ -73,6 +87,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.special = SpecialTokens.from_tokenizer(tokenizer)
+        self.image_tag = rendered_image_tag(tokenizer, chat_template)
         self.early_stop_ids: list[int] = self.encode(EARLY_STOP_TEXT)
 
     def encode(self, text: str) -> list[int]:
@@ -86,14 +101,14 @@ class PromptBuilder:
     def build(self, prompt: str, visual_tokens: int | None, thinking: bool) -> list[int]:
         """Prompt ids; `visual_tokens=None` means a text-only prompt."""
         text = self.render(prompt, with_image=visual_tokens is not None, thinking=thinking)
-        chunks = text.split(IMAGE_TAG)
+        chunks = text.split(self.image_tag)
         if visual_tokens is None:
             if len(chunks) != 1:
-                raise ValueError(f"text-only prompt contains {IMAGE_TAG!r}")
+                raise ValueError(f"text-only prompt contains {self.image_tag!r}")
             return self.encode(text)
         if len(chunks) != 2:
             raise ValueError(
-                f"the chat template rendered {len(chunks) - 1} {IMAGE_TAG!r} tags for one image; "
+                f"the chat template rendered {len(chunks) - 1} {self.image_tag!r} tags for one image; "
                 "prompts must not contain the image tag themselves"
             )
         image = [IMAGE_START_ID, *([VISUAL_ATOM_ID] * visual_tokens), IMAGE_END_ID]

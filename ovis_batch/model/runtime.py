@@ -52,6 +52,7 @@ from ovis_batch.model.checkpoint import (
     weight_files,
     weights_fingerprint,
 )
+from ovis_batch.model.layouts import official_config, official_tensors
 from ovis_batch.model.preprocess import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
@@ -335,12 +336,17 @@ def load_model(
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     revision: str | None = None,
+    name: str | None = None,
 ):
-    """Load an Ovis checkpoint folder (official layout), a training checkpoint folder, or a hub id.
+    """Load an Ovis checkpoint folder or a hub id (`name`, default `source`, is what outputs record).
 
-    `device` defaults to CUDA when available; `dtype` to bfloat16 on GPU and float32 on CPU. Ovis2
+    Ovis2.5 checkpoints in either layout (official `llm_config` / `vit_config`, or transformers' native
+    `text_config` / `vision_config`; see `layouts.py`) run on the project's own implementation. Ovis2
     (`model_type: ovis2`) checkpoints load through transformers' native classes behind the same API.
+    `device` defaults to CUDA when available; `dtype` to bfloat16 on GPU and float32 on CPU. Training
+    checkpoints (Trainer, DeepSpeed ZeRO) are resolved above this layer: `ovis_batch.load_model`.
     """
+    name = name if name is not None else str(source)
     device = torch.device(device or default_device())
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -357,7 +363,7 @@ def load_model(
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             attn_implementation=attn_implementation,
-            name=str(source),
+            name=name,
             revision=revision,
         )
     started = time.perf_counter()
@@ -367,7 +373,7 @@ def load_model(
         module,
         tokenizer,
         chat_template(folder),
-        name=str(source),
+        name=name,
         weights_sha256=weights_fingerprint(weight_files(folder)),
         min_pixels=min_pixels,
         max_pixels=max_pixels,
@@ -398,8 +404,10 @@ def load_ovis2_5_module(
     from ovis_batch.model.ovis2_5 import Ovis2_5Config, Ovis2_5ForConditionalGeneration
 
     files = weight_files(folder)
+    # Either layout (official or transformers' native): config and tensor names are read as official.
+    config_dict = official_config(read_config(folder), folder / "config.json")
     try:
-        config = Ovis2_5Config.from_pretrained(str(folder))
+        config = Ovis2_5Config.from_dict(config_dict)
     except Exception as exc:
         raise CheckpointError(f"{folder / 'config.json'} is not a valid Ovis2.5 config ({exc})") from exc
     config.llm_config._attn_implementation = attn_implementation
@@ -410,7 +418,7 @@ def load_ovis2_5_module(
     if tied:
         expected.discard("llm.lm_head.weight")
     state = {}
-    for name, tensor in iter_tensors(files):
+    for name, tensor in official_tensors(iter_tensors(files)):
         if name == "llm.lm_head.weight" and tied:
             continue
         state[name] = tensor.to(device=device, dtype=dtype)

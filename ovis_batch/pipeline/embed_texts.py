@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import ovis_batch
-from ovis_batch.model.checkpoint import model_identity
+from ovis_batch.checkpoints import model_identity
 from ovis_batch.pipeline.manifest import ManifestError, open_manifest
 from ovis_batch.pipeline.output import METADATA_KEY, OutputFolder, atomic_write
 

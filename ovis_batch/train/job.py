@@ -90,7 +90,8 @@ def _meta_model(model_dir: Path):
 
 
 def _model_identity(source: str) -> tuple[Path, dict[str, Any]]:
-    from ovis_batch.model.checkpoint import CheckpointError, model_identity
+    from ovis_batch.checkpoints import model_identity
+    from ovis_batch.model.checkpoint import CheckpointError
 
     identity = model_identity(source)
     folder = Path(identity["folder"])
