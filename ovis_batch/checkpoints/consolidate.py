@@ -3,7 +3,9 @@
     ovis-batch checkpoint consolidate runs/ft/checkpoint-1200 models/ft-1200 --dtype bf16
 
 `consolidate_checkpoint` writes what a released model holds (sharded safetensors + index, config,
-tokenizer, chat template, preprocessor and generation files) and nothing a resumed training needs.
+tokenizer, chat template, preprocessor and generation files) and nothing a resumed training needs, in
+the official layout or, with `--layout native`, in transformers' native Ovis2.5 layout (same tensors;
+see `ovis_batch/model/layouts.py`).
 `resolve_model_dir` is the hook of `load_model`: a folder whose top-level safetensors are complete
 is returned as it is; otherwise (weights only inside ZeRO files) the checkpoint is consolidated once
 into a cache folder, keyed by the ZeRO files' names, sizes and modification times, and that folder is
@@ -45,6 +47,15 @@ from ovis_batch.checkpoints.layout import (
 )
 from ovis_batch.checkpoints.zero import zero_16bit_weights, zero_fp32_weights
 from ovis_batch.model.checkpoint import CheckpointError, iter_tensors
+from ovis_batch.model.layouts import (
+    LAYOUTS,
+    NATIVE_LAYOUT,
+    OFFICIAL_LAYOUT,
+    official_config,
+    official_tensors,
+    write_native_inference_files,
+)
+from ovis_batch.model.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 DTYPES = PRECISIONS
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -93,25 +104,33 @@ def consolidate_checkpoint(
     from_optimizer: bool = False,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    output_layout: str = OFFICIAL_LAYOUT,
 ) -> Path:
     """Write a clean inference checkpoint of `source` to `destination` (atomically) and return it.
 
     `dtype` is "bf16", "fp16", "fp32" or None (keep the precision described in the module docstring).
+    `output_layout` is "official" (AIDC-AI's release layout) or "native" (transformers' `ovis2_5`, for
+    tools that expect converted checkpoints; Ovis2.5 only): the same tensors either way, see
+    `ovis_batch/model/layouts.py`. An Ovis2.5 source may be in either layout.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if output_layout not in LAYOUTS:
+        raise ValueError(f"output_layout must be one of {', '.join(LAYOUTS)}, got {output_layout!r}")
     source, destination = Path(source), Path(destination)
     if destination.exists() and not overwrite and (not destination.is_dir() or any(destination.iterdir())):
         raise FileExistsError(
             f"{destination} exists and is not empty; choose another folder or pass overwrite"
         )
     layout = describe_checkpoint(source, read_state=False)
+    config = _official_config(layout, output_layout)  # before reading: a refused layout costs nothing
     # The precision is chosen before reading, not cast afterwards: fp32 asked of a 16-bit ZeRO run
     # must read the optimizer's fp32 masters, which a cast of the 16-bit weights cannot give back.
     precision = weights_precision(layout, DTYPES.get(dtype), from_optimizer=from_optimizer)
     state = read_weights(layout, precision)
-    state = _drop_tied(state, layout.config)
-    _check_names(layout, set(state))
+    state = dict(official_tensors(state.items()))  # a native source may use transformers' module names
+    state = _drop_tied(state, config)
+    _check_names(layout, config, set(state))
     provenance = {
         "consolidated_from": str(source.resolve()),
         "weights_from": precision.source,
@@ -119,7 +138,7 @@ def consolidate_checkpoint(
     }
     if layout.zero is not None:
         provenance["zero_tag"] = layout.zero.tag
-    _write_atomically(layout, state, destination, provenance, max_shard_bytes)
+    _write_atomically(layout, config, state, destination, provenance, max_shard_bytes, output_layout)
     return destination
 
 
@@ -166,6 +185,18 @@ def _exclusive_lock(lock_file: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _official_config(layout: CheckpointLayout, output_layout: str) -> dict:
+    """The source's config.json, an Ovis2.5 one in the official layout whichever layout it is in."""
+    if layout.config.get("model_type") != "ovis2_5":
+        if output_layout != OFFICIAL_LAYOUT:
+            raise CheckpointError(
+                f"{layout.path / 'config.json'}: the {output_layout} layout is an Ovis2.5 layout; a "
+                f"{layout.config.get('model_type')!r} checkpoint is written as it is (drop --layout)"
+            )
+        return layout.config
+    return official_config(layout.config, layout.path / "config.json")
+
+
 def _drop_tied(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """Released Ovis2.5 checkpoints with tied embeddings carry no `llm.lm_head.weight`: match them."""
     llm = config.get("llm_config") or {}
@@ -174,14 +205,14 @@ def _drop_tied(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
     return state
 
 
-def _check_names(layout: CheckpointLayout, names: set[str]) -> None:
+def _check_names(layout: CheckpointLayout, config_dict: dict, names: set[str]) -> None:
     """Refuse to write a checkpoint that `load_model` would refuse (Ovis2.5: built on the meta device)."""
     if layout.config.get("model_type") != "ovis2_5":
         return
     from ovis_batch.model.ovis2_5 import Ovis2_5Config, Ovis2_5ForConditionalGeneration
 
     try:
-        config = Ovis2_5Config.from_pretrained(str(layout.path))
+        config = Ovis2_5Config.from_dict(config_dict)
     except Exception as exc:
         raise CheckpointError(f"{layout.path / 'config.json'} is not a valid Ovis2.5 config ({exc})") from exc
     with torch.device("meta"):
@@ -211,12 +242,18 @@ def _shard_groups(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[
 
 def _write_atomically(
     layout: CheckpointLayout,
+    config: dict,
     state: dict[str, torch.Tensor],
     destination: Path,
     provenance: dict,
     max_shard_bytes: int,
+    output_layout: str,
 ) -> None:
-    """Shards + index + inference files into a sibling temporary folder, then one rename."""
+    """Shards + index + inference files into a sibling temporary folder, then one rename.
+
+    `config` is the source's config in the official layout; the native layout rewrites the config,
+    tokenizer, chat template and preprocessor files afterwards (the shards are the same).
+    """
     from safetensors.torch import save_file
 
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -238,9 +275,15 @@ def _write_atomically(
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for f in layout.inference_files:
             shutil.copy2(f, staging / f.name)
+        if config is not layout.config:  # a native-layout source: its tensors were renamed, its config too
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
         dtypes = {str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}
         if len(dtypes) == 1:
             _set_config_dtype(staging / "config.json", dtypes.pop())
+        if output_layout == NATIVE_LAYOUT:
+            write_native_inference_files(
+                staging, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS
+            )
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(staging, destination)

@@ -32,6 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="take the fp32 master weights from the ZeRO optimizer partitions whatever --dtype asks",
     )
+    c.add_argument(
+        "--layout",
+        choices=["official", "native"],
+        default="official",
+        help="official: AIDC-AI's release layout (llm_config / vit_config); native: transformers' ovis2_5 "
+        "layout (text_config / vision_config, its tokenizer tokens and image processor), for tools that "
+        "expect converted Ovis2.5 checkpoints. The same weights either way",
+    )
     c.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors shard (GiB)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     c.set_defaults(handler=_checkpoint_errors(_consolidate))
@@ -69,8 +77,9 @@ def _consolidate(args: argparse.Namespace) -> int:
         from_optimizer=args.from_optimizer,
         overwrite=args.overwrite,
         max_shard_bytes=int(args.max_shard_gib * 1024**3),
+        output_layout=args.layout,
     )
-    print(f"wrote an inference checkpoint to {path}")
+    print(f"wrote an inference checkpoint ({args.layout} layout) to {path}")
     return 0
 
 

@@ -148,6 +148,7 @@ def official_config(config: dict, where: str | Path = "config.json") -> dict:
         "use_rope": True,
     }
     out = {
+        "architectures": ["Ovis2_5"],
         "model_type": "ovis2_5",
         "llm_config": llm,
         "vit_config": vit,
@@ -156,6 +157,8 @@ def official_config(config: dict, where: str | Path = "config.json") -> dict:
     }
     if native.dtype is not None:
         out["dtype"] = str(native.dtype).removeprefix("torch.")
+    if "_comment" in config:  # the tiny factories' "random weights" note travels with the model
+        out["_comment"] = config["_comment"]
     return out
 
 
