@@ -162,6 +162,17 @@ def official_config(config: dict, where: str | Path = "config.json") -> dict:
     return out
 
 
+def read_ovis2_5_config(folder: Path):
+    """The `Ovis2_5Config` (ours) of a checkpoint folder in either layout."""
+    from ovis_batch.model.ovis2_5 import Ovis2_5Config
+
+    config = official_config(read_config(folder), folder / "config.json")
+    try:
+        return Ovis2_5Config.from_dict(config)
+    except Exception as exc:
+        raise CheckpointError(f"{folder / 'config.json'} is not a valid Ovis2.5 config ({exc})") from exc
+
+
 def native_config(config: dict, token_ids: dict[str, int], where: str | Path = "config.json") -> dict:
     """An official-layout config.json as transformers' native `ovis2_5` config, with the placeholder ids.
 

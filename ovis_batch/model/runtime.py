@@ -52,7 +52,7 @@ from ovis_batch.model.checkpoint import (
     weight_files,
     weights_fingerprint,
 )
-from ovis_batch.model.layouts import official_config, official_tensors
+from ovis_batch.model.layouts import official_tensors, read_ovis2_5_config
 from ovis_batch.model.preprocess import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
@@ -401,15 +401,11 @@ def load_ovis2_5_module(
     folder: Path, *, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa"
 ):
     """Build the module on the meta device and assign the checkpoint's tensors (no double allocation)."""
-    from ovis_batch.model.ovis2_5 import Ovis2_5Config, Ovis2_5ForConditionalGeneration
+    from ovis_batch.model.ovis2_5 import Ovis2_5ForConditionalGeneration
 
     files = weight_files(folder)
     # Either layout (official or transformers' native): config and tensor names are read as official.
-    config_dict = official_config(read_config(folder), folder / "config.json")
-    try:
-        config = Ovis2_5Config.from_dict(config_dict)
-    except Exception as exc:
-        raise CheckpointError(f"{folder / 'config.json'} is not a valid Ovis2.5 config ({exc})") from exc
+    config = read_ovis2_5_config(folder)
     config.llm_config._attn_implementation = attn_implementation
     with torch.device("meta"):
         module = Ovis2_5ForConditionalGeneration(config)

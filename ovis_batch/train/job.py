@@ -82,9 +82,10 @@ def _meta_model(model_dir: Path):
     """The model's module on the meta device: names, shapes and tying without reading a weight."""
     import torch
 
-    from ovis_batch.model.ovis2_5 import Ovis2_5Config, Ovis2_5ForConditionalGeneration
+    from ovis_batch.model.layouts import read_ovis2_5_config
+    from ovis_batch.model.ovis2_5 import Ovis2_5ForConditionalGeneration
 
-    config = Ovis2_5Config.from_pretrained(str(model_dir))
+    config = read_ovis2_5_config(model_dir)  # either layout
     with torch.device("meta"):
         return Ovis2_5ForConditionalGeneration(config)
 

@@ -145,3 +145,13 @@ def test_native_layout_is_refused_for_ovis2(tmp_path):
     with pytest.raises(CheckpointError, match=r"native layout is an Ovis2\.5 layout"):
         consolidate_checkpoint(source, tmp_path / "x", output_layout="native")
     assert not (tmp_path / "x").exists()
+
+
+def test_fine_tuning_plans_a_native_source_as_the_official_one(tiny_checkpoint, native):
+    """The fine-tuning job sizes its trainable plan from the config on the meta device: either layout."""
+    from ovis_batch.train.job import _meta_model
+
+    def shapes(folder) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p in _meta_model(folder).named_parameters()}
+
+    assert shapes(native) == shapes(tiny_checkpoint)
