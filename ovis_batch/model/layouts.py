@@ -135,7 +135,7 @@ def official_config(config: dict, where: str | Path = "config.json") -> dict:
             f"{where}: vision_config.num_visual_indicator_tokens {vision.num_visual_indicator_tokens}, "
             f"expected {INDICATOR_ROWS} (image start/end, video start/end)"
         )
-    llm = native.text_config.to_dict()
+    llm = _qwen3_dict(native.text_config)
     # transformers ties the output projection by the top-level flag (default False): read it the same way.
     llm["tie_word_embeddings"] = bool(native.tie_word_embeddings)
     vit = {key: getattr(vision, key) for key in _SHARED_VISION_KEYS}
@@ -201,14 +201,7 @@ def native_config(config: dict, token_ids: dict[str, int], where: str | Path = "
                 f"{where}: vit_config.{key}={value!r} has no equivalent in transformers' native Ovis2.5 "
                 f"(it needs {needed!r}); keep this checkpoint in the official layout"
             )
-    # What differs from Qwen3's defaults (as transformers writes a sub-config), plus the shapes always, so
-    # that a person or a tool reading config.json by hand finds them.
-    llm = parsed.llm_config
-    text = {
-        k: v for k, v in llm.to_diff_dict().items() if not k.startswith("_") and k != "transformers_version"
-    }
-    text |= {key: getattr(llm, key) for key in _TEXT_SHAPE_KEYS}
-    text["model_type"] = "qwen3"
+    text = _qwen3_dict(parsed.llm_config)
     vision = {key: getattr(vit, key) for key in _SHARED_VISION_KEYS}
     vision |= {
         "model_type": "ovis2_5_vision",
@@ -314,6 +307,17 @@ def write_native_inference_files(folder: Path, *, min_pixels: int, max_pixels: i
     (folder / "processor_config.json").write_text(
         json.dumps({"processor_class": "Ovis2_5Processor"}, indent=2) + "\n"
     )
+
+
+def _qwen3_dict(config) -> dict:
+    """A Qwen3 config as config.json holds it: what differs from Qwen3's defaults (as transformers writes
+    a sub-config), plus the shapes always, so that a person or a tool reading the file finds them."""
+    out = {
+        k: v
+        for k, v in config.to_diff_dict().items()
+        if not k.startswith("_") and k != "transformers_version"
+    }
+    return out | {key: getattr(config, key) for key in _TEXT_SHAPE_KEYS} | {"model_type": "qwen3"}
 
 
 def _parse_native(config: dict, where: str | Path):
