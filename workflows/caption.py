@@ -8,13 +8,14 @@ The story, each step delegated to ovis_batch:
 2. plan: check the manifest (columns, unique ids), the model files and the output folder, and find the
    ids already committed by an earlier run (resume) - all before any work starts;
 3. run on Ray Data: decode on CPU workers, caption on one resident model per replica, commit shards
-   atomically;
+   atomically; a progress line counts the committed rows (Ray's own logs go to its log folder);
 4. verify that every manifest id is committed exactly once and write the summary `_run.json`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -23,10 +24,11 @@ from ovis_batch.pipeline.job import (
     finish_caption_job,
     format_summary,
     plan_caption_job,
-    ray_session,
     reserved_cpus,
     run_caption_job,
 )
+from ovis_batch.progress import DEFAULT_INTERVAL_S, live_progress
+from ovis_batch.ray_session import ray_session
 
 
 def run_caption(
@@ -40,8 +42,15 @@ def run_caption(
     limit: int | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    verbose: bool = False,
+    progress_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> dict[str, Any]:
-    """Run (or resume) the caption job; returns the summary that is also saved as `_run.json`."""
+    """Run (or resume) the caption job; returns the summary that is also saved as `_run.json`.
+
+    Prints, unless `quiet`: where Ray's logs are, a progress line on stderr (redrawn in place on a
+    terminal, else a line every `progress_interval_s`), the summary on stdout. `verbose`: Ray's own logs
+    and progress bars too.
+    """
     started = time.perf_counter()
     settings: CaptionConfig = load_config(CaptionConfig, config, list(overrides))
     plan = plan_caption_job(manifest, output, model, settings, limit=limit, overwrite=overwrite)
@@ -57,8 +66,16 @@ def run_caption(
             "wall_s": 0.0,
         }
     else:
-        with ray_session(address, num_cpus=reserved_cpus(settings)):
-            totals = run_caption_job(plan)
+        with (
+            ray_session(address, num_cpus=reserved_cpus(settings), verbose=verbose, announce=not quiet),
+            live_progress(
+                plan.remaining,
+                None if quiet else sys.stderr,
+                interval_s=progress_interval_s,
+                in_place=False if verbose else None,  # Ray's own bars would fight a line redrawn in place
+            ) as progress,
+        ):
+            totals = run_caption_job(plan, progress)
     summary = finish_caption_job(plan, totals, started)
     if not quiet:
         print(format_summary(summary))

@@ -1,7 +1,7 @@
 """The demo: the caption job on the bundled sample manifest with a tiny random-weight model, on a local
 Ray and the CPU. Nothing is downloaded.
 
-    ovis-batch demo [--workdir ovis-batch-demo]
+    ovis-batch demo [--workdir ovis-batch-demo] [--verbose] [--progress-interval 30]
 
 1. write the tiny Ovis2.5 checkpoint (official layout, RANDOM WEIGHTS) unless it is already there;
 2. run the caption job on `ovis_batch/assets/sample/manifest.parquet` (four photos, one missing file)
@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from ovis_batch.model.tiny import make_tiny_model
+from ovis_batch.progress import DEFAULT_INTERVAL_S
 from workflows.caption import run_caption
 
 
-def run_demo(workdir: str = "ovis-batch-demo") -> dict[str, Any]:
+def run_demo(
+    workdir: str = "ovis-batch-demo",
+    *,
+    verbose: bool = False,
+    progress_interval_s: float = DEFAULT_INTERVAL_S,
+) -> dict[str, Any]:
+    """Run the demo in `workdir`; returns the caption job's summary."""
     root = Path(workdir).resolve()
     model = root / "tiny-ovis2.5-random"
     if not (model / "config.json").is_file():
@@ -35,6 +42,8 @@ def run_demo(workdir: str = "ovis-batch-demo") -> dict[str, Any]:
             "passthrough_columns=[credit]",
             "decode_workers=1",
         ],
+        verbose=verbose,
+        progress_interval_s=progress_interval_s,
     )
     _show(root / "captions")
     return summary

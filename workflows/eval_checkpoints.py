@@ -23,7 +23,9 @@ from typing import Any
 from ovis_batch.checkpoints.trend import checkpoint_scores, find_run_checkpoints, write_trend_report
 from ovis_batch.config import CaptionConfig, load_config
 from ovis_batch.eval.options import EvaluateOptions
-from ovis_batch.pipeline.job import ray_session, reserved_cpus
+from ovis_batch.pipeline.job import reserved_cpus
+from ovis_batch.progress import DEFAULT_INTERVAL_S
+from ovis_batch.ray_session import ray_session
 from workflows.caption import run_caption
 from workflows.evaluate import evaluate
 
@@ -41,8 +43,13 @@ def eval_checkpoints(
     task: str = "auto",
     tokenizer: str = "python",
     meteor: bool = True,
+    verbose: bool = False,
+    progress_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> dict[str, Any]:
-    """Score every checkpoint of `run_dir` not scored yet; returns the trend.json document it wrote."""
+    """Score every checkpoint of `run_dir` not scored yet; returns the trend.json document it wrote.
+
+    `verbose`: Ray's own logs on the terminal too; `progress_interval_s`: see `run_caption`.
+    """
     # 1. Every checkpoint and the settings are checked up front: a bad one stops the run before any work.
     checkpoints = find_run_checkpoints(run_dir, report)
     settings = load_config(CaptionConfig, config, list(overrides))
@@ -58,7 +65,7 @@ def eval_checkpoints(
         else:
             to_score.append(checkpoint)
     if to_score:
-        with ray_session(address, num_cpus=reserved_cpus(settings)):
+        with ray_session(address, num_cpus=reserved_cpus(settings), verbose=verbose):
             for checkpoint in to_score:
                 print(f"{checkpoint.path.name}: {checkpoint.layout.kind}, captioning and scoring")
                 checkpoint.prepare()
@@ -70,6 +77,8 @@ def eval_checkpoints(
                     overrides=list(overrides),
                     address=address,
                     limit=limit,
+                    verbose=verbose,
+                    progress_interval_s=progress_interval_s,
                 )
                 if not summary["complete"]:
                     raise RuntimeError(

@@ -64,10 +64,11 @@ def finetune(
 
         run_training(plan)
     else:
-        from ovis_batch.pipeline.job import ray_session
+        from ovis_batch.ray_session import ray_session
         from ovis_batch.train.ray_train import train_on_ray
 
-        with ray_session(address):
+        # verbose: the training workers' own reports (loss, steps) are the progress of a Ray Train run.
+        with ray_session(address, verbose=True, announce=False):
             train_on_ray(plan)
 
     # 4. The summary, written last.

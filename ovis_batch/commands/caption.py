@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ovis_batch.commands import add_output_arguments
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `caption` to the subcommands."""
@@ -21,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: a local Ray")
     p.add_argument("--limit", type=int, help="process only the first N manifest rows")
     p.add_argument("--overwrite", action="store_true", help="start afresh: delete this job's earlier output")
+    add_output_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the config file")
     p.set_defaults(handler=run)
 
@@ -38,5 +41,7 @@ def run(args: argparse.Namespace) -> int:
         address=args.address,
         limit=args.limit,
         overwrite=args.overwrite,
+        verbose=args.verbose,
+        progress_interval_s=args.progress_interval,
     )
     return 0 if summary["complete"] else 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ovis_batch.commands import add_output_arguments
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `eval-checkpoints` to the subcommands."""
@@ -24,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=["captions", "vqa", "mcq", "retrieval", "auto"], default="auto")
     p.add_argument("--tokenizer", choices=["python", "java"], default="python", help="PTB tokenizer")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java and takes a while)")
+    add_output_arguments(p)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
             task=args.task,
             tokenizer=args.tokenizer,
             meteor=not args.no_meteor,
+            verbose=args.verbose,
+            progress_interval_s=args.progress_interval,
         )
     except (CheckpointError, ConfigError, EvalInputError, ManifestError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -261,17 +261,13 @@ def _run_parts(
 def _run_parts_on_ray(tasks: list[PartTask], ray_address: str | None) -> Iterator[PartResult]:
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=ray_address)
-    try:
+    from ovis_batch.ray_session import ray_session
+
+    with ray_session(ray_address):
         remote = ray.remote(build_part)
         refs = [remote.options(num_cpus=task.threads).remote(task) for task in tasks]
         for ref in refs:
             yield ray.get(ref)
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def duplicate_faiss_ids(keys: pa.Table, previous: IdMap | None) -> tuple[np.ndarray, np.ndarray]:

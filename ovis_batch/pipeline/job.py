@@ -9,20 +9,17 @@ manifest id is committed exactly once, repairs duplicates a retry may have left,
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 import ovis_batch
+from ovis_batch.checkpoints import model_identity
 from ovis_batch.config import CaptionConfig
-from ovis_batch.model.checkpoint import model_identity
 from ovis_batch.pipeline.manifest import Manifest, ManifestError, open_manifest, scan_ids
 from ovis_batch.pipeline.output import (
     JOB_FILE,
@@ -36,6 +33,7 @@ from ovis_batch.pipeline.output import (
     output_schema,
     repair_duplicates,
 )
+from ovis_batch.progress import ProgressLine
 
 
 @dataclass
@@ -147,25 +145,12 @@ def reserved_cpus(config: CaptionConfig) -> float:
     return config.decode_workers + config.replicas * config.cpus_per_replica + WRITER_CPUS + READ_TASK_CPUS
 
 
-@contextlib.contextmanager
-def ray_session(address: str | None, *, num_cpus: float | None = None) -> Iterator[None]:
-    """Connect to a cluster (`address`) or start a local Ray; shut down only what we started."""
-    import ray
+def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> dict[str, Any]:
+    """Execute the graph; returns the aggregated statistics of the shards committed by this run.
 
-    started = not ray.is_initialized()
-    if started:
-        # Locally, logical CPUs may exceed the cores: decode workers and the model replica share them.
-        local_cpus = max(os.cpu_count() or 1, int(num_cpus or 0) + 1) if address is None else None
-        ray.init(address=address, num_cpus=local_cpus, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
-    """Execute the graph; returns the aggregated statistics of the shards committed by this run."""
+    Each shard's statistics row comes back as soon as the shard is committed, and is counted on
+    `progress` then; the run needs a Ray session (`ovis_batch.ray_session`).
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -182,8 +167,6 @@ def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
             ]
         )
     )
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
     scheme = plan.manifest.uri.split("://", 1)[0] if "://" in plan.manifest.uri else ""
     ds = ray.data.read_parquet(plan.manifest.files, filesystem=plan.manifest.fs, include_paths=True)
     ds = ds.select_columns([*columns, "path"])  # projection is pushed down into the Parquet read
@@ -265,6 +248,8 @@ def run_caption_job(plan: CaptionPlan) -> dict[str, Any]:
             totals["decode_s"] += row["decode_s"]
             totals["infer_s"] += row["infer_s"]
             totals["shards"] += 1
+            if progress is not None:
+                progress.add(row["rows"], row["ok"], row["output_tokens"])
     totals["wall_s"] = time.perf_counter() - started
     return totals
 
