@@ -168,7 +168,18 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
         )
     )
     scheme = plan.manifest.uri.split("://", 1)[0] if "://" in plan.manifest.uri else ""
-    ds = ray.data.read_parquet(plan.manifest.files, filesystem=plan.manifest.fs, include_paths=True)
+    # Ray Data's file-based reader (V1), not its newer ListFiles -> ReadFiles chain (V2, the default
+    # since Ray 2.60): the plan has already listed and checked the manifest's files, and V2 lists them
+    # again in a task that starts a pool of footer-reading actors (about 10 s of a 15 s demo on 2 cores),
+    # and whose listing threads can race at their end (an uncaught InterruptedError in its completion
+    # signaller, printed by the worker as a traceback).
+    context = ray.data.DataContext.get_current()
+    reader_v2 = getattr(context, "use_datasource_v2", False)
+    context.use_datasource_v2 = False
+    try:
+        ds = ray.data.read_parquet(plan.manifest.files, filesystem=plan.manifest.fs, include_paths=True)
+    finally:
+        context.use_datasource_v2 = reader_v2
     ds = ds.select_columns([*columns, "path"])  # projection is pushed down into the Parquet read
     keep = ray.put(plan.keep) if plan.keep is not None else None
     skip = ray.put(plan.skip) if len(plan.skip) else None
