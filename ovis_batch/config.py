@@ -108,6 +108,37 @@ class CaptionConfig(_Strict):
     )
     rows_per_shard: int = Field(256, ge=1, description="Rows per output Parquet shard.")
 
+    # ---- generation engine
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: transformers' generate over static batches (CPU and GPU, the parity path); "
+        "vllm: vLLM's continuous batching on GPU replicas (pip install -e .[vllm]).",
+    )
+    vllm_gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of each GPU vLLM may take (weights and KV cache). null: 0.90, less what the "
+        "project's runtime holds when it computes the embeddings, and room for its activations.",
+    )
+    vllm_max_num_seqs: int = Field(256, ge=1, description="Most sequences vLLM decodes at once per replica.")
+    vllm_max_model_len: int | None = Field(
+        None,
+        ge=256,
+        description="Longest prompt + output vLLM plans for (null: the largest image at max_pixels, "
+        "the prompt and max_new_tokens).",
+    )
+    vllm_batches_in_flight: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Ray batches a vLLM replica works on at once, so that its running batch never drains "
+        "at a batch boundary.",
+    )
+    vllm_enforce_eager: bool = Field(
+        False, description="Skip CUDA-graph capture (faster start-up, slower decoding)."
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> CaptionConfig:
         if self.min_pixels > self.max_pixels:
@@ -127,6 +158,14 @@ class CaptionConfig(_Strict):
             raise ValueError(
                 f"passthrough_columns {sorted(clash)} clash with output columns of the same name"
             )
+        if self.engine == "vllm":
+            if self.device == "cpu":
+                raise ValueError("engine vllm runs on GPUs only; set device: auto (or cuda), or engine: hf")
+            if self.gpus_per_replica != 1:
+                raise ValueError(
+                    f"engine vllm gives each replica one whole GPU: set gpus_per_replica: 1 "
+                    f"(got {self.gpus_per_replica}); use replicas: N for N GPUs"
+                )
         if self.id_column in self.passthrough_columns:
             raise ValueError(f"passthrough_columns must not repeat the id column {self.id_column!r}")
         return self
@@ -152,7 +191,16 @@ GENERATE_KEYS = (
     "repetition_penalty",
     "seed",
 )
-OUTPUT_DECIDING_KEYS = {"prompt", "prompt_column", "embedding", "min_pixels", "max_pixels", "decode", "dtype"}
+OUTPUT_DECIDING_KEYS = {
+    "prompt",
+    "prompt_column",
+    "embedding",
+    "min_pixels",
+    "max_pixels",
+    "decode",
+    "dtype",
+    "engine",
+}
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -53,7 +53,9 @@ def run_caption(
     """
     started = time.perf_counter()
     settings: CaptionConfig = load_config(CaptionConfig, config, list(overrides))
-    plan = plan_caption_job(manifest, output, model, settings, limit=limit, overwrite=overwrite)
+    plan = plan_caption_job(
+        manifest, output, model, settings, limit=limit, overwrite=overwrite, address=address
+    )
     if plan.remaining == 0:  # everything already committed: nothing to start
         totals = {
             "rows": 0,

@@ -14,6 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument(
+        "--official-vocab",
+        action="store_true",
+        help="Qwen3's vocabulary size and special-token ids (what vLLM's Ovis2.5 needs)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -21,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     """Write the checkpoint and say, loudly, that its outputs mean nothing."""
     from ovis_batch.model.tiny import make_tiny_model
 
-    path = make_tiny_model(args.dir, seed=args.seed, overwrite=args.overwrite)
+    path = make_tiny_model(
+        args.dir, seed=args.seed, overwrite=args.overwrite, official_vocab=args.official_vocab
+    )
     print(f"wrote a tiny RANDOM-WEIGHT Ovis2.5 checkpoint (outputs are meaningless) to {path}")
     return 0

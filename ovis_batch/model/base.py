@@ -117,6 +117,20 @@ def check_texts(texts: Sequence[str]) -> None:
             raise ValueError(f"text {i} is empty: an embedding needs some text")
 
 
+def check_budget_room(max_new_tokens: int, thinking_budget: int | None, forced_tokens: int) -> None:
+    """A thinking budget must leave room for the forced ending and an answer within `max_new_tokens`."""
+    if thinking_budget is None:
+        return
+    if thinking_budget < 1:
+        raise ValueError(f"thinking_budget must be >= 1, got {thinking_budget}")
+    if max_new_tokens <= thinking_budget + forced_tokens:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for an answer after a thinking budget of "
+            f"{thinking_budget} tokens and the {forced_tokens}-token forced ending; set max_new_tokens to at "
+            f"least {thinking_budget + forced_tokens + 1} (more for useful answers) or lower the budget"
+        )
+
+
 def prompt_list(images: Sequence[Any], prompts: str | Sequence[str]) -> list[str]:
     """One prompt per image (a single string applies to all)."""
     out = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)

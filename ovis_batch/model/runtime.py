@@ -37,6 +37,7 @@ from ovis_batch.model.base import (
     RowOutput,
     SamplingSettings,
     VisionLanguageModel,
+    check_budget_room,
     check_strategy,
     check_texts,
     cut_at_end,
@@ -184,17 +185,8 @@ class OvisModel(VisionLanguageModel):
 
     def _check_generation(self, max_new_tokens: int, thinking: bool, thinking_budget: int | None) -> None:
         super()._check_generation(max_new_tokens, thinking, thinking_budget)
-        if thinking_budget is None or not thinking:
-            return
-        if thinking_budget < 1:
-            raise ValueError(f"thinking_budget must be >= 1, got {thinking_budget}")
-        forced = len(self.prompts.early_stop_ids)
-        if max_new_tokens <= thinking_budget + forced:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} leaves no room for an answer after a thinking budget of "
-                f"{thinking_budget} tokens and the {forced}-token forced ending; set max_new_tokens to at "
-                f"least {thinking_budget + forced + 1} (more for useful answers) or lower the budget"
-            )
+        if thinking:
+            check_budget_room(max_new_tokens, thinking_budget, len(self.prompts.early_stop_ids))
 
     def _generate_prepared(
         self,

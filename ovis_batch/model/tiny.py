@@ -95,7 +95,24 @@ def _asset(name: str) -> str:
     return resources.files("ovis_batch.assets").joinpath(name).read_text(encoding="utf-8")
 
 
-def _write_tokenizer(folder: Path, template: str) -> dict[str, int]:
+# Qwen3's vocabulary: byte-level BPE ids below 151643, then the added tokens from `<|endoftext|>` on.
+OFFICIAL_BASE_VOCAB = 151643
+OFFICIAL_VOCAB_SIZE = 151936
+
+
+def _pad_base_vocab(tok, size: int):
+    """The trained BPE with unreachable filler entries appended to its vocabulary up to `size`, so that
+    the added tokens that follow take their official ids (engines such as vLLM hard-code some of them)."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), size):
+        vocab[f"<|filler_{i}|>"] = i
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _write_tokenizer(folder: Path, template: str, *, official_vocab: bool = False) -> dict[str, int]:
     from tokenizers import (
         AddedToken,
         Regex,
@@ -126,6 +143,8 @@ def _write_tokenizer(folder: Path, template: str) -> dict[str, int]:
         special_tokens=[],
     )
     tok.train_from_iterator([_asset("tiny_corpus.txt")] * 3, trainer)
+    if official_vocab:
+        tok = _pad_base_vocab(tok, OFFICIAL_BASE_VOCAB)
     for content, special in QWEN3_ADDED_TOKENS:
         added = AddedToken(
             content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special
@@ -147,8 +166,9 @@ def _write_tokenizer(folder: Path, template: str) -> dict[str, int]:
     return {c: fast.convert_tokens_to_ids(c) for c, _ in QWEN3_ADDED_TOKENS} | {"__len__": len(fast)}
 
 
-def _config(ids: dict[str, int]) -> dict:
-    vocab = (ids["__len__"] + 63) // 64 * 64  # padded past the tokenizer, as Qwen's 151936 is
+def _config(ids: dict[str, int], *, official_vocab: bool = False) -> dict:
+    # Padded past the tokenizer, as Qwen's 151936 is.
+    vocab = OFFICIAL_VOCAB_SIZE if official_vocab else (ids["__len__"] + 63) // 64 * 64
     llm_config = {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -299,12 +319,18 @@ def staged_checkpoint_folder(path: str | os.PathLike, *, overwrite: bool) -> Ite
         raise
 
 
-def make_tiny_model(path: str | os.PathLike, *, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the tiny checkpoint to `path` (atomically: a temporary sibling folder, then a rename)."""
+def make_tiny_model(
+    path: str | os.PathLike, *, seed: int = 0, overwrite: bool = False, official_vocab: bool = False
+) -> Path:
+    """Write the tiny checkpoint to `path` (atomically: a temporary sibling folder, then a rename).
+
+    `official_vocab`: Qwen3's vocabulary size and special-token ids (151643 on), with filler entries
+    the tokenizer never produces; vLLM's Ovis2.5 needs them (it hard-codes the image indicator ids).
+    """
     with staged_checkpoint_folder(path, overwrite=overwrite) as staging:
         template = json.loads(_asset("ovis2_5_chat_template.json"))["chat_template"]
-        ids = _write_tokenizer(staging, template)
-        config = _config(ids)
+        ids = _write_tokenizer(staging, template, official_vocab=official_vocab)
+        config = _config(ids, official_vocab=official_vocab)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         write_sharded_safetensors(_random_state(config, ids, staging, seed), staging)
         generation = {

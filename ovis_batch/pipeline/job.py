@@ -60,8 +60,10 @@ def plan_caption_job(
     *,
     limit: int | None = None,
     overwrite: bool = False,
+    address: str | None = None,
 ) -> CaptionPlan:
-    """Everything that can be checked before work starts; raises ManifestError / OutputError / CheckpointError."""
+    """Everything that can be checked before work starts; raises ManifestError / OutputError / CheckpointError
+    / EngineError. `address` is the cluster the job will run on (None: this machine)."""
     required = [config.id_column, config.image_column, *config.passthrough_columns]
     if config.prompt_column:
         required.append(config.prompt_column)
@@ -70,6 +72,8 @@ def plan_caption_job(
         raise ManifestError(f"--limit must be >= 1, got {limit}")
     keep, scanned = scan_ids(manifest, config.id_column, limit)
     model = model_identity(model_source)
+    if config.engine == "vllm":
+        check_engine_here(model, local=address is None)
     output = OutputFolder.open(output_uri)
     output.prepare()
     if overwrite:
@@ -121,7 +125,8 @@ def _check_same_job(output: OutputFolder, previous: dict, job: dict) -> None:
         differences.append(
             f"model weights {previous.get('model', {}).get('name')!r} -> {job['model']['name']!r} (weights differ)"
         )
-    old, new = previous.get("generation", {}), job["generation"]
+    # Settings added since an output was written are compared at the value that output was made with.
+    old, new = {"engine": "hf"} | previous.get("generation", {}), job["generation"]
     differences += [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
@@ -140,9 +145,81 @@ WRITER_CPUS = 0.5
 READ_TASK_CPUS = 2  # room for Ray Data's file listing and read tasks beside the actor pools
 
 
+def check_engine_here(model: dict[str, Any], *, local: bool) -> None:
+    """`engine: vllm` needs vLLM, an Ovis2.5 checkpoint whose vocabulary vLLM maps correctly, and (for a
+    run on this machine) a CUDA GPU; a cluster's GPUs are counted when the run starts (`check_cluster_gpus`)."""
+    from ovis_batch.model.checkpoint import resolve_source
+    from ovis_batch.model.runtime import load_tokenizer
+    from ovis_batch.model.vllm_engine import EngineError, check_vllm_engine, check_vllm_vocabulary
+
+    check_vllm_engine(model["model_type"])
+    folder = resolve_source(model["folder"])
+    check_vllm_vocabulary(load_tokenizer(folder), folder)
+    if local:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EngineError(
+                "engine vllm needs a CUDA GPU and this machine has none; use engine: hf here, or run on a "
+                "cluster with GPUs (--address)"
+            )
+
+
+def check_cluster_gpus(config: CaptionConfig) -> None:
+    """Before the dataset is built: a vLLM replica needs a whole GPU, and the cluster must have one."""
+    import ray
+
+    from ovis_batch.model.vllm_engine import EngineError
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if config.engine == "vllm" and gpus < 1:
+        raise EngineError(
+            "engine vllm needs GPU replicas and the Ray cluster reports no GPU; use engine: hf, or add GPU "
+            "nodes to the cluster"
+        )
+
+
 def reserved_cpus(config: CaptionConfig) -> float:
     """Logical CPUs the job's actor pools hold, plus room for reading: a local Ray needs at least this."""
     return config.decode_workers + config.replicas * config.cpus_per_replica + WRITER_CPUS + READ_TASK_CPUS
+
+
+def _model_stage(plan: CaptionPlan) -> tuple[type, dict[str, Any], dict[str, Any]]:
+    """The model stage's actor class, its constructor arguments and its actor pool's call settings."""
+    from ovis_batch.pipeline.stages import CaptionPredictor, VllmCaptionPredictor
+
+    cfg = plan.config
+    common = {
+        "model_source": plan.model_source,
+        "id_column": cfg.id_column,
+        "passthrough": plan.passthrough,
+        "dtype": cfg.dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "generation": cfg.generate_kwargs(),
+        "embedding": cfg.embedding,
+        "embedding_dim": plan.metadata["embedding"]["dim"],
+    }
+    if cfg.engine == "vllm":
+        vllm = {
+            "gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
+            "max_model_len": cfg.vllm_max_model_len,
+            "max_num_seqs": cfg.vllm_max_num_seqs,
+            "enforce_eager": cfg.vllm_enforce_eager,
+        }
+        kwargs = common | {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "vllm": vllm}
+        # Several batches in flight on one engine: its running batch is refilled across batch boundaries.
+        k = cfg.vllm_batches_in_flight
+        return (
+            VllmCaptionPredictor,
+            kwargs,
+            {"max_concurrent_calls_per_actor": k, "max_tasks_in_flight_per_actor": k},
+        )
+    kwargs = common | {
+        "device": cfg.device,
+        "batch_visual_tokens": cfg.batch_visual_tokens,
+        "batch_rows": cfg.batch_rows,
+    }
+    return CaptionPredictor, kwargs, {}
 
 
 def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> dict[str, Any]:
@@ -154,9 +231,10 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
     import ray
     from ray.data import ActorPoolStrategy
 
-    from ovis_batch.pipeline.stages import CaptionPredictor, DecodeStage, write_shard_batch
+    from ovis_batch.pipeline.stages import DecodeStage, write_shard_batch
 
     cfg = plan.config
+    check_cluster_gpus(cfg)
     columns = list(
         dict.fromkeys(
             [
@@ -205,26 +283,13 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
         compute=ActorPoolStrategy(size=cfg.decode_workers),
         num_cpus=1,
     )
-    generation = cfg.generate_kwargs()
-    embedding_dim = plan.metadata["embedding"]["dim"]
+    predictor, predictor_kwargs, calls = _model_stage(plan)
     ds = ds.map_batches(
-        CaptionPredictor,
-        fn_constructor_kwargs={
-            "model_source": plan.model_source,
-            "id_column": cfg.id_column,
-            "passthrough": plan.passthrough,
-            "device": cfg.device,
-            "dtype": cfg.dtype,
-            "attn_implementation": cfg.attn_implementation,
-            "generation": generation,
-            "embedding": cfg.embedding,
-            "embedding_dim": embedding_dim,
-            "batch_visual_tokens": cfg.batch_visual_tokens,
-            "batch_rows": cfg.batch_rows,
-        },
+        predictor,
+        fn_constructor_kwargs=predictor_kwargs,
         batch_format="pyarrow",
         batch_size=cfg.batch_rows,
-        compute=ActorPoolStrategy(size=cfg.replicas),
+        compute=ActorPoolStrategy(size=cfg.replicas, **calls),
         num_gpus=cfg.gpus_per_replica,
         num_cpus=cfg.cpus_per_replica,
     )

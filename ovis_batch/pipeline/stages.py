@@ -256,12 +256,6 @@ class CaptionPredictor:
         self.generation, self.embedding, self.embedding_dim = generation, embedding, embedding_dim
         self.budget, self.max_rows = batch_visual_tokens, batch_rows
 
-    def _inputs(self, pixels: bytes, shape: list[int], grid: list[int] | None, sizes: list[int]) -> Any:
-        array = np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
-        if grid is None:
-            return array
-        return PreparedImage(array, tuple(grid), *sizes)
-
     def _run(self, items: list[Any], prompts: list[str]) -> list[Any]:
         """Generate for a batch; on failure split in halves down to single rows (OOM, odd inputs)."""
         try:
@@ -281,27 +275,105 @@ class CaptionPredictor:
         tokens = [rows[i]["visual_tokens"] or (len(rows[i]["pixels"]) // PATCH_DIM // 4) for i in ok]
         for group in token_budget_batches(tokens, self.budget, self.max_rows):
             indices = [ok[g] for g in group]
-            items = [
-                self._inputs(
-                    rows[i]["pixels"],
-                    rows[i]["pixels_shape"],
-                    rows[i]["grid_thw"],
-                    [rows[i][k] for k in ("width", "height", "input_width", "input_height")],
-                )
-                for i in indices
-            ]
+            items = [model_input(rows[i]) for i in indices]
             for i, result in zip(
                 indices, self._run(items, [rows[i]["prompt"] for i in indices]), strict=True
             ):
                 results[i] = result
-        elapsed = time.perf_counter() - started
-        out = _output_rows(rows, results, self.id_column, elapsed / max(1, len(rows)))
-        table = pa.Table.from_pylist(
-            out,
-            schema=predicted_schema(batch.schema.field(self.id_column), self.passthrough, self.embedding_dim),
+        return predicted_table(
+            batch, rows, results, self.id_column, self.passthrough, self.embedding_dim, started
         )
-        check_rows("inference", self.id_column, batch, table)
-        return table
+
+
+class VllmCaptionPredictor:
+    """One vLLM engine per actor (plus the runtime model when embeddings are asked for).
+
+    `__call__` is a coroutine: Ray Data keeps `vllm_batches_in_flight` batches on the actor at once, and
+    every row is its own request, so the engine's running batch is refilled as rows finish, across
+    batch boundaries. Output rows, error rows and the schema are the same as `CaptionPredictor`'s.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_source: str,
+        id_column: str,
+        passthrough: list[pa.Field],
+        dtype: str,
+        generation: dict[str, Any],
+        attn_implementation: str = "sdpa",
+        embedding: str | None,
+        embedding_dim: int | None,
+        min_pixels: int,
+        max_pixels: int,
+        vllm: dict[str, Any],
+    ) -> None:
+        from ovis_batch.checkpoints import resolve_model_source
+        from ovis_batch.model.checkpoint import resolve_source
+        from ovis_batch.model.vllm_engine import load_vllm_model
+
+        self.model = load_vllm_model(
+            resolve_source(resolve_model_source(model_source)),
+            name=model_source,
+            dtype="bfloat16" if dtype == "auto" else dtype,
+            max_new_tokens=generation["max_new_tokens"],
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            embedding=embedding,
+            attn_implementation=attn_implementation,
+            **vllm,
+        )
+        self.id_column, self.passthrough = id_column, passthrough
+        self.generation, self.embedding, self.embedding_dim = generation, embedding, embedding_dim
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        rows = batch.to_pylist()
+        results: list[Any] = [None] * len(rows)
+        ok = [i for i, r in enumerate(rows) if r["status"] == "ok"]
+        if ok:
+            try:
+                outputs = await self.model.agenerate(
+                    [model_input(rows[i]) for i in ok],
+                    [rows[i]["prompt"] for i in ok],
+                    embedding=self.embedding,
+                    **self.generation,
+                )
+            except Exception as exc:  # settings the engine refuses: every row says why
+                outputs = [exc] * len(ok)
+            for i, result in zip(ok, outputs, strict=True):
+                results[i] = result
+        return predicted_table(
+            batch, rows, results, self.id_column, self.passthrough, self.embedding_dim, started
+        )
+
+
+def model_input(row: dict[str, Any]) -> Any:
+    """A decoded row's model input: a PreparedImage (Ovis2.5 patches) or an RGB array (Ovis2)."""
+    array = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["pixels_shape"])
+    if row["grid_thw"] is None:
+        return array
+    sizes = [row[k] for k in ("width", "height", "input_width", "input_height")]
+    return PreparedImage(array, tuple(row["grid_thw"]), *sizes)
+
+
+def predicted_table(
+    batch: pa.Table,
+    rows: list[dict],
+    results: list[Any],
+    id_column: str,
+    passthrough: list[pa.Field],
+    embedding_dim: int | None,
+    started: float,
+) -> pa.Table:
+    """The model stage's output rows (results or errors) in the contract's schema, one per input row."""
+    elapsed = time.perf_counter() - started
+    out = _output_rows(rows, results, id_column, elapsed / max(1, len(rows)))
+    table = pa.Table.from_pylist(
+        out, schema=predicted_schema(batch.schema.field(id_column), passthrough, embedding_dim)
+    )
+    check_rows("inference", id_column, batch, table)
+    return table
 
 
 def _free_accelerator_memory() -> None:
