@@ -326,8 +326,8 @@ def _parse_native(config: dict, where: str | Path):
         from transformers import Ovis2_5Config as NativeOvis2_5Config
     except ImportError as exc:
         raise CheckpointError(
-            f"{where} is in transformers' native Ovis2.5 layout, which needs transformers' ovis2_5 module "
-            "(5.25); install the version ovis-batch pins"
+            f"{where} is in transformers' native Ovis2.5 layout, which needs transformers 5.25 or newer "
+            "(its ovis2_5 module) to read; upgrade transformers within the range ovis-batch pins"
         ) from exc
     fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
     try:

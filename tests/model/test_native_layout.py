@@ -35,6 +35,9 @@ from ovis_batch.model.layouts import (
     write_native_inference_files,
 )
 
+# Reading the native layout parses its config with transformers' own classes (5.25 and newer).
+pytest.importorskip("transformers.models.ovis2_5", reason="transformers has no native Ovis2.5 before 5.25")
+
 MIN_PIXELS, MAX_PIXELS = 64 * 64, 256 * 256
 WINDOW_BLOCKS = 112 // 16 // 2  # window_size / patch / merge: transformers' window side in merge blocks
 GREEDY_TOKENS = 12
