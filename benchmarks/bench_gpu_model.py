@@ -35,8 +35,11 @@ SIZES = {
 }
 
 
-def random_model(size: str, device: str, dtype: torch.dtype, tokenizer_dir: Path):
-    """An OvisModel with random weights of the given real size, built on the device."""
+def random_model(
+    size: str, device: str, dtype: torch.dtype, tokenizer_dir: Path, vocab_size: int | None = None
+):
+    """An OvisModel with random weights of the given real size, built on the device (`vocab_size`:
+    the language model's, default Qwen3's 151936, or 640 for `tiny`)."""
     from ovis_batch.model.checkpoint import chat_template
     from ovis_batch.model.ovis2_5 import Ovis2_5Config, Ovis2_5ForConditionalGeneration
     from ovis_batch.model.runtime import OvisModel, _materialize_buffers, load_tokenizer
@@ -53,7 +56,7 @@ def random_model(size: str, device: str, dtype: torch.dtype, tokenizer_dir: Path
             "head_dim": head_dim,
             "intermediate_size": mlp,
             "tie_word_embeddings": tied,
-            "vocab_size": 640 if size == "tiny" else 151936,
+            "vocab_size": vocab_size or (640 if size == "tiny" else 151936),
             "rope_theta": 1000000,
             "max_position_embeddings": 40960,
             "rms_norm_eps": 1e-6,

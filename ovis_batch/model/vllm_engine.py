@@ -437,7 +437,9 @@ class VllmEngine:
         max_num_seqs: int,
         stop_token_ids: Sequence[int],
         enforce_eager: bool = False,
+        load_format: str = "auto",
     ) -> None:
+        """`load_format="dummy"`: random weights of the config's shapes, nothing read (benchmarks)."""
         self.stop_token_ids = list(stop_token_ids)
         if not vllm_available():
             raise EngineError(f"engine vllm needs vLLM, which is not installed: {INSTALL_HINT}")
@@ -460,6 +462,7 @@ class VllmEngine:
             mm_processor_kwargs={"backend": "pil"},  # PIL's resize, as the runtime (a no-op here anyway)
             generation_config="vllm",  # never the checkpoint's sampling defaults
             enforce_eager=enforce_eager,
+            load_format=load_format,
         )
         self.engine = AsyncLLMEngine.from_engine_args(args)
 

@@ -297,3 +297,38 @@ def test_official_vocabulary_tiny_tokenizer_passes_the_vocabulary_check(tmp_path
     tokenizer = load_tokenizer(tmp_path)
     assert check_vllm_vocabulary(tokenizer, tmp_path) == 151669
     assert vllm_token_ids(tokenizer)["<ovis_image_start>"] == 151672
+
+
+def test_vllm_plugin_lets_transformers_read_the_official_config_without_remote_code(upstream_dir):
+    """What vLLM does with an official folder: AutoConfig with trust_remote_code off. Without the plugin
+    transformers asks to run the checkpoint's code (or, from 5.25, builds its own default-size config);
+    with it, our classes read llm_config / vit_config. Run in a child process: the registration is
+    process-wide and would shadow transformers' own ovis2_5 class in the other tests."""
+    import json
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    script = (
+        "import json, sys\n"
+        "from transformers import AutoConfig\n"
+        "from ovis_batch.model.vllm_plugin import register\n"
+        "register()\n"
+        "c = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=False)\n"
+        "print(json.dumps([type(c).__module__, c.llm_config.hidden_size, c.vit_config.hidden_size,"
+        " c.visual_vocab_size, c.architectures]))\n"
+    )
+    folder = upstream_dir / "checkpoint"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=120, check=True
+    )
+    module, llm_hidden, vit_hidden, visual_vocab, architectures = json.loads(
+        done.stdout.strip().splitlines()[-1]
+    )
+    official = json.loads((folder / "config.json").read_text())
+    assert module == "ovis_batch.model.ovis2_5"
+    assert llm_hidden == official["llm_config"]["hidden_size"]
+    assert vit_hidden == official["vit_config"]["hidden_size"]
+    assert visual_vocab == official["visual_vocab_size"] and architectures == ["Ovis2_5"]
+    plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("ovis_batch_ovis2_5") == "ovis_batch.model.vllm_plugin:register"
