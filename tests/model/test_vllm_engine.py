@@ -332,3 +332,16 @@ def test_vllm_plugin_lets_transformers_read_the_official_config_without_remote_c
     assert visual_vocab == official["visual_vocab_size"] and architectures == ["Ovis2_5"]
     plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
     assert plugins.get("ovis_batch_ovis2_5") == "ovis_batch.model.vllm_plugin:register"
+
+
+def test_vllms_gpu_share_leaves_room_for_the_embedding_runtime():
+    from ovis_batch.model.vllm_engine import auto_gpu_memory_utilization, default_max_model_len
+
+    gib = 2**30
+    assert auto_gpu_memory_utilization(0, 141 * gib) == 0.90  # no runtime model beside the engine
+    share = auto_gpu_memory_utilization(20 * gib, 141 * gib)  # a 9B runtime model in bf16
+    assert share == pytest.approx(0.90 - 26 / 141, abs=1e-3)
+    with pytest.raises(EngineError, match="embedding: null"):
+        auto_gpu_memory_utilization(50 * gib, 80 * gib)  # leaves vLLM 0.2 of the card
+    # The largest image at max_pixels (3136 tokens + 2 indicator rows), a prompt allowance and the output.
+    assert default_max_model_len(1792 * 1792, 1024) >= 3138 + 1024 + 256
