@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpu_model import SIZES, photo, random_model
+from bench_gpu_model import SIZES, photo, random_model, size_config
 
 PROMPT = "Describe this image in detail."
 QWEN3_VOCAB = 151936  # every size, tiny too: the tokenizer has Qwen3's ids
@@ -80,9 +80,8 @@ def config_folder(size: str, folder: Path, tokenizer_dir: Path) -> Path:
     """config.json of a real size plus the tokenizer files: what vLLM needs for `load_format=dummy`."""
     import shutil
 
-    model = random_model(size, "meta", torch.bfloat16, tokenizer_dir, QWEN3_VOCAB)
     folder.mkdir(parents=True, exist_ok=True)
-    config = model.module.config.to_dict()
+    config = size_config(size, QWEN3_VOCAB).to_dict()
     config["architectures"] = ["Ovis2_5"]
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
     for f in tokenizer_dir.iterdir():

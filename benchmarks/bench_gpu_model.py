@@ -35,18 +35,13 @@ SIZES = {
 }
 
 
-def random_model(
-    size: str, device: str, dtype: torch.dtype, tokenizer_dir: Path, vocab_size: int | None = None
-):
-    """An OvisModel with random weights of the given real size, built on the device (`vocab_size`:
-    the language model's, default Qwen3's 151936, or 640 for `tiny`)."""
-    from ovis_batch.model.checkpoint import chat_template
-    from ovis_batch.model.ovis2_5 import Ovis2_5Config, Ovis2_5ForConditionalGeneration
-    from ovis_batch.model.runtime import OvisModel, _materialize_buffers, load_tokenizer
+def size_config(size: str, vocab_size: int | None = None):
+    """The Ovis2.5 config of a size (`vocab_size`: the language model's, default Qwen3's 151936, or 640
+    for `tiny`)."""
+    from ovis_batch.model.ovis2_5 import Ovis2_5Config
 
     hidden, layers, heads, kv, head_dim, mlp, tied, vlayers, vhidden, vheads, vmlp = SIZES[size]
-    visual_vocab = 132 if size == "tiny" else 65536
-    config = Ovis2_5Config(
+    return Ovis2_5Config(
         llm_config={
             "model_type": "qwen3",
             "hidden_size": hidden,
@@ -68,9 +63,21 @@ def random_model(
             "intermediate_size": vmlp,
             "image_size": 160 if size == "tiny" else 512,
         },
-        visual_vocab_size=visual_vocab,
+        visual_vocab_size=132 if size == "tiny" else 65536,
         hidden_size=hidden,
     )
+
+
+def random_model(
+    size: str, device: str, dtype: torch.dtype, tokenizer_dir: Path, vocab_size: int | None = None
+):
+    """An OvisModel with random weights of the given real size (`size_config`), built on the device."""
+    from ovis_batch.model.checkpoint import chat_template
+    from ovis_batch.model.ovis2_5 import Ovis2_5ForConditionalGeneration
+    from ovis_batch.model.runtime import OvisModel, _materialize_buffers, load_tokenizer
+
+    config = size_config(size, vocab_size)
+    tied = config.llm_config.tie_word_embeddings
     config.llm_config._attn_implementation = "sdpa"
     with torch.device("meta"):
         module = Ovis2_5ForConditionalGeneration(config)
