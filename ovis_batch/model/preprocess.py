@@ -19,6 +19,7 @@ produces uint8 numpy patches, does not pay for importing it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -187,6 +188,22 @@ def prepare_image(
         input_width=input_width,
         input_height=input_height,
     )
+
+
+def prepare_images(
+    images: Sequence[Image.Image | np.ndarray | PreparedImage], *, min_pixels: int, max_pixels: int
+) -> list[PreparedImage | ImageInputError]:
+    """Each image as model input (prepared ones as they are), or the per-image error that prevents it."""
+    out: list[PreparedImage | ImageInputError] = []
+    for image in images:
+        if isinstance(image, PreparedImage):
+            out.append(image)
+            continue
+        try:
+            out.append(prepare_image(image, min_pixels=min_pixels, max_pixels=max_pixels))
+        except ImageInputError as exc:
+            out.append(exc)
+    return out
 
 
 def patchify(pixels: np.ndarray) -> np.ndarray:

@@ -60,7 +60,7 @@ from ovis_batch.model.preprocess import (
     ImageInputError,
     PreparedImage,
     normalize_patches,
-    prepare_image,
+    prepare_images,
 )
 from ovis_batch.model.prompts import IMAGE_SUMMARY_PROMPT, TEXT_SUMMARY_PROMPT, PromptBuilder
 
@@ -126,22 +126,9 @@ class OvisModel(VisionLanguageModel):
         self, images: Sequence[ImageLike], min_pixels: int | None = None, max_pixels: int | None = None
     ) -> list[PreparedImage | ImageInputError]:
         """Each image as model input, or the per-image error that prevents it."""
-        out: list[PreparedImage | ImageInputError] = []
-        for image in images:
-            if isinstance(image, PreparedImage):
-                out.append(image)
-                continue
-            try:
-                out.append(
-                    prepare_image(
-                        image,
-                        min_pixels=min_pixels or self.min_pixels,
-                        max_pixels=max_pixels or self.max_pixels,
-                    )
-                )
-            except ImageInputError as exc:
-                out.append(exc)
-        return out
+        return prepare_images(
+            images, min_pixels=min_pixels or self.min_pixels, max_pixels=max_pixels or self.max_pixels
+        )
 
     def _pack(self, prepared: Sequence[PreparedImage]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         """uint8 patches -> one normalised pixel tensor on the model's device (normalised there)."""

@@ -51,7 +51,7 @@ from ovis_batch.model.preprocess import (
     FACTOR,
     ImageInputError,
     PreparedImage,
-    prepare_image,
+    prepare_images,
     smart_resize,
     unpatchify,
 )
@@ -90,6 +90,11 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm() -> None:
+    if not vllm_available():
+        raise EngineError(f"engine vllm needs vLLM, which is not installed: {INSTALL_HINT}")
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -139,6 +144,22 @@ def check_vllm_vocabulary(tokenizer, folder: str | Path) -> int:
     return ids["<image>"]
 
 
+def check_vllm_checkpoint(folder: Path) -> tuple[dict, Any, int]:
+    """(config, tokenizer, `<image>` id) of a folder vLLM can run; refuses other layouts and vocabularies."""
+    from ovis_batch.model.checkpoint import read_config
+    from ovis_batch.model.runtime import load_tokenizer
+
+    config = read_config(folder)
+    if "llm_config" not in config:
+        raise EngineError(
+            f"{folder} is not in the official Ovis2.5 layout (llm_config / vit_config), which is what vLLM "
+            "reads; write one with `ovis-batch checkpoint consolidate SRC DST` (official is the default "
+            "layout), or use engine: hf"
+        )
+    tokenizer = load_tokenizer(folder)
+    return config, tokenizer, check_vllm_vocabulary(tokenizer, folder)
+
+
 def collapse_image_block(ids: Sequence[int], image_token_id: int) -> list[int]:
     """Runtime prompt ids -> vLLM prompt ids: each `[start] + [atom] * n + [end]` becomes one `<image>`."""
     out: list[int] = []
@@ -176,6 +197,21 @@ def engine_keeps_size(input_width: int, input_height: int) -> bool:
     except ImageInputError:
         return False
     return size == (input_height, input_width)
+
+
+def refuse_sizes_vllm_changes(prepared: PreparedImage | ImageInputError) -> PreparedImage | ImageInputError:
+    """The prepared image, or a per-row error when vLLM's fixed-range resize would change its size."""
+    if isinstance(prepared, ImageInputError) or engine_keeps_size(
+        prepared.input_width, prepared.input_height
+    ):
+        return prepared
+    return ImageInputError(
+        "size_unsupported_by_engine",
+        f"the model input is {prepared.input_width}x{prepared.input_height}; vLLM {VLLM_VERSION_TESTED} "
+        f"resizes Ovis2.5 images into {VLLM_MIN_PIXELS}..{VLLM_MAX_PIXELS} pixels with sides multiples "
+        f"of {FACTOR}, so it would not see these pixels. Keep min_pixels/max_pixels inside that range, "
+        "or use engine: hf",
+    )
 
 
 def engine_image(prepared: PreparedImage) -> PIL.Image.Image:
@@ -293,16 +329,14 @@ class VllmOvisModel(VisionLanguageModel):
         hidden_size: int,
         dtype: str,
         embedder: VisionLanguageModel | None = None,
-        image_token_id: int | None = None,
+        image_token_id: int,
         min_pixels: int,
         max_pixels: int,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, template)
-        self.builder = RequestBuilder(
-            self.prompts, vllm_token_ids(tokenizer)["<image>"] if image_token_id is None else image_token_id
-        )
+        self.builder = RequestBuilder(self.prompts, image_token_id)
         self.special = self.prompts.special
         self.end_ids = [self.special.im_end, self.special.pad]
         self.think_start_id, self.think_end_id = self.special.think_start, self.special.think_end
@@ -329,30 +363,11 @@ class VllmOvisModel(VisionLanguageModel):
         return self._hidden_size
 
     def prepare(self, images: Sequence[Any], min_pixels: int | None = None, max_pixels: int | None = None):
-        out: list[PreparedImage | ImageInputError] = []
-        for image in images:
-            try:
-                prepared = (
-                    image
-                    if isinstance(image, PreparedImage)
-                    else prepare_image(
-                        image,
-                        min_pixels=min_pixels or self.min_pixels,
-                        max_pixels=max_pixels or self.max_pixels,
-                    )
-                )
-                if not engine_keeps_size(prepared.input_width, prepared.input_height):
-                    raise ImageInputError(
-                        "size_unsupported_by_engine",
-                        f"the model input is {prepared.input_width}x{prepared.input_height}; vLLM "
-                        f"{VLLM_VERSION_TESTED} resizes Ovis2.5 images into {VLLM_MIN_PIXELS}..{VLLM_MAX_PIXELS} "
-                        f"pixels with sides multiples of {FACTOR}, so it would not see these pixels. "
-                        "Keep min_pixels/max_pixels inside that range, or use engine: hf",
-                    )
-                out.append(prepared)
-            except ImageInputError as exc:
-                out.append(exc)
-        return out
+        """The runtime's preparation, then a refusal for inputs vLLM would resize again."""
+        prepared = prepare_images(
+            images, min_pixels=min_pixels or self.min_pixels, max_pixels=max_pixels or self.max_pixels
+        )
+        return [refuse_sizes_vllm_changes(p) for p in prepared]
 
     def _embed(self, prepared: list[PreparedImage], strategy: str) -> np.ndarray:
         with self._embedding_lock:
@@ -401,22 +416,27 @@ class VllmOvisModel(VisionLanguageModel):
             )
             for i in good
         ]
-        vectors = None
+        embedding_task = None
         if embedding and good:
             # The runtime model shares the GPU; run it in a thread so the engine's requests keep flowing.
-            vectors = asyncio.to_thread(self._embed, [prepared[i] for i in good], embedding)
-        outputs = await asyncio.gather(*rows, *([vectors] if vectors else []), return_exceptions=True)
-        if vectors is not None:
-            *outputs, vectors = outputs
+            items = [prepared[i] for i in good]
+            embedding_task = asyncio.create_task(asyncio.to_thread(self._embed, items, embedding))
+        outputs = await asyncio.gather(*rows, return_exceptions=True)
+        vectors: np.ndarray | Exception | None = None
+        if embedding_task is not None:
+            try:
+                vectors = await embedding_task
+            except Exception as exc:  # every row that asked for a vector says why it has none
+                vectors = RuntimeError(f"the embedding failed: {type(exc).__name__}: {exc}")
         for k, i in enumerate(good):
             output = outputs[k]
-            if isinstance(output, BaseException):
-                results[i] = output if isinstance(output, Exception) else RuntimeError(repr(output))
+            if isinstance(output, BaseException) and not isinstance(output, Exception):
+                raise output  # cancellation is not a row's failure
+            if isinstance(output, Exception) or isinstance(vectors, Exception):
+                results[i] = output if isinstance(output, Exception) else vectors
                 continue
             self._fill(results[i], output, thinking)
-            if isinstance(vectors, BaseException):
-                results[i] = RuntimeError(f"the embedding failed: {type(vectors).__name__}: {vectors}")
-            elif vectors is not None:
+            if vectors is not None:
                 results[i].embedding = vectors[k]
         return results
 
@@ -441,8 +461,7 @@ class VllmEngine:
     ) -> None:
         """`load_format="dummy"`: random weights of the config's shapes, nothing read (benchmarks)."""
         self.stop_token_ids = list(stop_token_ids)
-        if not vllm_available():
-            raise EngineError(f"engine vllm needs vLLM, which is not installed: {INSTALL_HINT}")
+        require_vllm()
         from ovis_batch.model.vllm_plugin import register
 
         register()  # this process too (the plugin entry point covers the engine's own processes)
@@ -510,16 +529,10 @@ def load_vllm_model(
     """The runtime model first (embeddings only, when asked for), then vLLM in what is left of the GPU."""
     import torch
 
-    from ovis_batch.model.checkpoint import chat_template, read_config, weight_files, weights_fingerprint
-    from ovis_batch.model.runtime import load_model, load_tokenizer
+    from ovis_batch.model.checkpoint import chat_template, weight_files, weights_fingerprint
+    from ovis_batch.model.runtime import load_model
 
-    config = read_config(folder)
-    if "llm_config" not in config:
-        raise EngineError(
-            f"{folder} is not in the official Ovis2.5 layout (llm_config / vit_config), which is what vLLM "
-            "reads; write one with `ovis-batch checkpoint consolidate SRC DST` (official is the default "
-            "layout), or use engine: hf"
-        )
+    config, tokenizer, image_token_id = check_vllm_checkpoint(folder)
     embedder = None
     if embedding is not None:
         embedder = load_model(
@@ -530,8 +543,6 @@ def load_vllm_model(
             max_pixels=max_pixels,
             attn_implementation=attn_implementation,
         )
-    tokenizer = load_tokenizer(folder)
-    image_token_id = check_vllm_vocabulary(tokenizer, folder)
     if gpu_memory_utilization is None:
         gpu_memory_utilization = auto_gpu_memory_utilization(
             torch.cuda.memory_reserved(), torch.cuda.get_device_properties(0).total_memory
@@ -550,7 +561,8 @@ def load_vllm_model(
         tokenizer,
         chat_template(folder),
         name=name,
-        weights_sha256=weights_fingerprint(weight_files(folder)),
+        # The runtime model, when loaded, has hashed the same files already.
+        weights_sha256=embedder.weights_sha256 if embedder else weights_fingerprint(weight_files(folder)),
         hidden_size=config["llm_config"]["hidden_size"],
         dtype=dtype,
         embedder=embedder,
@@ -577,7 +589,6 @@ def auto_gpu_memory_utilization(used_bytes: int, total_bytes: int, headroom_byte
 
 def check_vllm_engine(model_type: str) -> None:
     """What `engine: vllm` needs before any work: vLLM importable, an Ovis2.5 checkpoint."""
-    if not vllm_available():
-        raise EngineError(f"engine vllm needs vLLM, which is not installed: {INSTALL_HINT}")
+    require_vllm()
     if model_type != "ovis2_5":
         raise EngineError(f"engine vllm runs Ovis2.5 checkpoints; this one is {model_type!r}: use engine: hf")

@@ -13,6 +13,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -146,15 +147,12 @@ READ_TASK_CPUS = 2  # room for Ray Data's file listing and read tasks beside the
 
 
 def check_engine_here(model: dict[str, Any], *, local: bool) -> None:
-    """`engine: vllm` needs vLLM, an Ovis2.5 checkpoint whose vocabulary vLLM maps correctly, and (for a
+    """`engine: vllm` needs vLLM, an official-layout Ovis2.5 checkpoint whose vocabulary vLLM maps correctly, and (for a
     run on this machine) a CUDA GPU; a cluster's GPUs are counted when the run starts (`check_cluster_gpus`)."""
-    from ovis_batch.model.checkpoint import resolve_source
-    from ovis_batch.model.runtime import load_tokenizer
-    from ovis_batch.model.vllm_engine import EngineError, check_vllm_engine, check_vllm_vocabulary
+    from ovis_batch.model.vllm_engine import EngineError, check_vllm_checkpoint, check_vllm_engine
 
     check_vllm_engine(model["model_type"])
-    folder = resolve_source(model["folder"])
-    check_vllm_vocabulary(load_tokenizer(folder), folder)
+    check_vllm_checkpoint(Path(model["folder"]))  # model_identity has resolved the source to its folder
     if local:
         import torch
 
@@ -167,12 +165,13 @@ def check_engine_here(model: dict[str, Any], *, local: bool) -> None:
 
 def check_cluster_gpus(config: CaptionConfig) -> None:
     """Before the dataset is built: a vLLM replica needs a whole GPU, and the cluster must have one."""
+    if config.engine != "vllm":
+        return
     import ray
 
     from ovis_batch.model.vllm_engine import EngineError
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if config.engine == "vllm" and gpus < 1:
+    if ray.cluster_resources().get("GPU", 0) < 1:
         raise EngineError(
             "engine vllm needs GPU replicas and the Ray cluster reports no GPU; use engine: hf, or add GPU "
             "nodes to the cluster"

@@ -75,6 +75,19 @@ def test_a_vocabulary_vllm_would_misread_stops_the_job(tmp_path, manifest, tiny_
         plan_caption_job(str(manifest), str(tmp_path / "out"), str(tiny_checkpoint), vllm_settings())
 
 
+def test_a_native_layout_folder_stops_the_job(tmp_path, manifest, tiny_checkpoint, monkeypatch):
+    """vLLM reads the official config only: the native layout is refused with the command that converts it."""
+    pytest.importorskip("transformers.models.ovis2_5", reason="reading the native layout needs 5.25")
+    from ovis_batch.checkpoints.consolidate import consolidate_checkpoint
+
+    native = consolidate_checkpoint(tiny_checkpoint, tmp_path / "native", output_layout="native")
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    output = tmp_path / "out"
+    with pytest.raises(EngineError, match=r"official Ovis2\.5 layout.*checkpoint consolidate"):
+        plan_caption_job(str(manifest), str(output), str(native), vllm_settings())
+    assert not output.exists()
+
+
 def test_without_a_gpu_the_job_stops_before_any_work(tmp_path, manifest, monkeypatch):
     from ovis_batch.model.tiny import make_tiny_model
 
