@@ -77,20 +77,21 @@ class ProgressLine:
             self.rows += rows
             self.ok += ok
             self.output_tokens += output_tokens
-            if self._live:
-                self._draw()
-            else:
-                self._line_if_due()
+            self._refresh()
 
     def tick(self) -> None:
         """Redraw (terminal) or write a line if `interval_s` has passed since the last one (log)."""
         with self._lock:
             if self._closed:
                 return
-            if self._live:
-                self._draw()
-            else:
-                self._line_if_due()
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Redraw the terminal line, or write a log line if one is due (the caller holds the lock)."""
+        if self._live:
+            self._draw()
+        else:
+            self._line_if_due()
 
     def close(self) -> None:
         """The final figures: the terminal line is finished with a newline, a log gets its last line."""
