@@ -396,7 +396,10 @@ def load_ovis2_5_module(
     for name, tensor in official_tensors(iter_tensors(files)):
         if name == "llm.lm_head.weight" and tied:
             continue
-        state[name] = tensor.to(device=device, dtype=dtype)
+        # A copy even when device and dtype already match: safetensors may hand out views into the
+        # file's mapping at any byte offset, and CPU kernels round differently on unaligned memory, so
+        # the same weights would give logits a few ulps apart depending on the file's header length.
+        state[name] = tensor.to(device=device, dtype=dtype, copy=True)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
