@@ -92,7 +92,9 @@ def build_trainer(plan: FinetunePlan, pairs: Pairs | None = None) -> OvisTrainer
     apply_trainable(ovis, plan.trainable)
     ovis.train()
     if settings.gradient_checkpointing:
-        ovis.activation_checkpointing_enable({"use_reentrant": False})
+        # transformers 5.22 renamed it (the old name stays, deprecated); 5.19 has only the old one.
+        enable = getattr(ovis, "activation_checkpointing_enable", None) or ovis.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     args = training_arguments(settings, plan.run_dir, device=device)
     generation_weight, contrastive_weight = settings.loss_weights()
     temperature = None
