@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:  # the message says what was wrong and what to do: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the command stops; no traceback for what was asked for
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -234,6 +234,9 @@ def _config(ids: dict[str, int], *, official_vocab: bool = False, head_dim: int 
         "torch_dtype": "float32",
         "use_cache": True,
         "visual_vocab_size": VISUAL_VOCAB,
+        # As in the released config.json; without it transformers 5.19 takes any local folder for a
+        # Mistral tokenizer and warns that its tokenisation is wrong.
+        "transformers_version": "4.51.3",
     }
 
 
