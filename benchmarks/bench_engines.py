@@ -19,7 +19,8 @@ same prepared images and prompt, one run each:
   two-phase thinking budget per request).
 Thinking on means `thinking_budget = new_tokens / 2`: random weights never close `</think>`, so every
 row goes through both phases. Reported: images/s and output tokens/s (tokens actually generated; a
-random model rarely stops early). The rows' output lengths are printed so that runs are comparable.
+random model rarely stops early). The rows' output lengths are printed so that runs are comparable, and on
+CPU (the same weights in both engines) how many of vLLM's rows have exactly hf's tokens.
 
 Agreement (`--agreement`, on by default with vllm): the tiny checkpoint vLLM runs
 (`make-tiny-model --official-vocab --head-dim 32 --seed 2`), float32, greedy: the share of rows whose
@@ -150,6 +151,7 @@ def throughput_rows(size: str, args, tokenizer_dir: Path, workdir: Path) -> list
     cases = [(n, t == "on") for n in args.new_tokens for t in args.thinking.split(",")]
     same_weights = device == "cpu"  # small enough to write: vLLM then runs the very same model
     weights = None
+    hf_tokens: dict[tuple[int, bool], list] = {}  # (new tokens, thinking) -> hf's rows' token ids
     if "floor" in engines or "hf" in engines or same_weights:
         model = random_model(size, device, getattr(torch, dtype), tokenizer_dir, QWEN3_VOCAB)
         prepared = model.prepare(images)
@@ -162,6 +164,7 @@ def throughput_rows(size: str, args, tokenizer_dir: Path, workdir: Path) -> list
             if "hf" in engines:
                 seconds, results = run_hf(model, prepared, settings, device, args.batch)
                 rows.append(record(size, f"hf (batch {args.batch})", new_tokens, thinking, seconds, results))
+                hf_tokens[new_tokens, thinking] = [r.token_ids for r in results]
         weights = model.module if same_weights else None
         del model
         if device == "cuda":
@@ -175,7 +178,12 @@ def throughput_rows(size: str, args, tokenizer_dir: Path, workdir: Path) -> list
             runner.run(model.agenerate(prepared[:1], PROMPT, max_new_tokens=2))  # warm-up
             for new_tokens, thinking in cases:
                 seconds, results = run_vllm(runner, model, prepared, settings_for(new_tokens, thinking))
-                rows.append(record(size, "vllm", new_tokens, thinking, seconds, results))
+                row = record(size, "vllm", new_tokens, thinking, seconds, results)
+                if same_weights and (new_tokens, thinking) in hf_tokens:  # the same model: the same tokens?
+                    pairs = zip(hf_tokens[new_tokens, thinking], results, strict=True)
+                    same = sum(a == r.token_ids for a, r in pairs)
+                    row["same_tokens_as_hf"] = f"{same}/{len(results)}"
+                rows.append(row)
             model.close()
     return rows
 
@@ -259,10 +267,11 @@ def main() -> None:
         workdir = Path(tmp)
         tokenizer_dir = make_tiny_model(workdir / "tok", official_vocab=True)
         keys = ["size", "engine", "new_tokens", "thinking", "images", "images_s", "output_tokens_s"]
-        keys.append("tokens_per_row")
+        keys += ["tokens_per_row", "same_tokens_as_hf"]
         print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys), flush=True)
         for size in args.sizes.split(","):
             for row in throughput_rows(size.strip(), args, tokenizer_dir, workdir):
+                row.setdefault("same_tokens_as_hf", "")
                 cells = [f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in keys]
                 print("| " + " | ".join(cells) + " |", flush=True)
         if args.agreement == "on" or (args.agreement == "auto" and "vllm" in args.engines):
