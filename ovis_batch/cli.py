@@ -51,15 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` (default: the process's), run the subcommand, return its exit status."""
+    """Parse `argv` (default: the process's), run the subcommand, return its exit status.
+
+    Errors the user can fix and faults that stop a run print one line (`error: ...`) instead of a
+    traceback; a fault's traceback is in the file its line names (printed too with `--verbose`).
+    """
     args = build_parser().parse_args(argv)
-    from ovis_batch.errors import UsageError
+    from ovis_batch.errors import EXIT_INTERRUPTED, EXIT_USAGE, JobFault, UsageError
 
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:  # the message says what was wrong and what to do: no traceback
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except JobFault as exc:
+        if getattr(args, "verbose", False) and exc.traceback_file:
+            with open(exc.traceback_file, encoding="utf-8") as fh:
+                sys.stderr.write(fh.read())
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # before or after a job's own handling (which says how far it got)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

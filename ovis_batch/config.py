@@ -107,6 +107,23 @@ class CaptionConfig(_Strict):
         16384, ge=1, description="Visual-token budget of one model batch; a single larger image runs alone."
     )
     rows_per_shard: int = Field(256, ge=1, description="Rows per output Parquet shard.")
+    resource_wait_s: float = Field(
+        300,
+        gt=0,
+        description="Longest wait for the cluster to hold every actor the job needs (other jobs may hold "
+        "resources, nodes may still be joining) before the job is refused.",
+    )
+    stall_report_s: float = Field(
+        600,
+        gt=0,
+        description="With no row committed for this long, say what Ray is waiting for (again every as long).",
+    )
+    stall_timeout_s: float | None = Field(
+        3600,
+        gt=0,
+        description="With no row committed for this long, stop the job (committed rows are kept; a rerun "
+        "resumes). null: never. Leave room for the model to load and one shard to be captioned.",
+    )
 
     # ---- generation engine
     engine: Literal["hf", "vllm"] = Field(
@@ -147,10 +164,12 @@ class CaptionConfig(_Strict):
             raise ValueError(
                 "thinking_budget is set but thinking is false; set thinking: true or drop the budget"
             )
-        if self.thinking_budget is not None and self.max_new_tokens <= self.thinking_budget + 25:
+        # The room the forced end of thinking needs depends on the tokenizer: the job's pre-flight counts
+        # it with the checkpoint's own (ovis_batch.model.limits); here only what no tokenizer can fix.
+        if self.thinking_budget is not None and self.max_new_tokens <= self.thinking_budget:
             raise ValueError(
-                f"max_new_tokens ({self.max_new_tokens}) leaves no room for an answer after thinking_budget "
-                f"({self.thinking_budget}) and the ~25-token forced ending; raise max_new_tokens"
+                f"max_new_tokens ({self.max_new_tokens}) must exceed thinking_budget ({self.thinking_budget}), "
+                "with room for the forced end of thinking and an answer; raise max_new_tokens"
             )
         reserved = {"status", "error_type", "error_message", "caption", "reasoning", "embedding"}
         clash = reserved & set(self.passthrough_columns)
@@ -166,6 +185,11 @@ class CaptionConfig(_Strict):
                     f"engine vllm gives each replica one whole GPU: set gpus_per_replica: 1 "
                     f"(got {self.gpus_per_replica}); use replicas: N for N GPUs"
                 )
+        if self.stall_timeout_s is not None and self.stall_timeout_s < self.stall_report_s:
+            raise ValueError(
+                f"stall_timeout_s ({self.stall_timeout_s:g}) is shorter than stall_report_s "
+                f"({self.stall_report_s:g}): the job would stop before saying why"
+            )
         if self.id_column in self.passthrough_columns:
             raise ValueError(f"passthrough_columns must not repeat the id column {self.id_column!r}")
         return self

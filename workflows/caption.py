@@ -8,7 +8,8 @@ The story, each step delegated to ovis_batch:
 2. plan: check the manifest (columns, unique ids), the model files and the output folder, and find the
    ids already committed by an earlier run (resume) - all before any work starts;
 3. run on Ray Data: decode on CPU workers, caption on one resident model per replica, commit shards
-   atomically; a progress line counts the committed rows (Ray's own logs go to its log folder);
+   atomically; a progress line counts the committed rows (Ray's own logs go to its log folder); a fault
+   stops the run with one line saying what failed and how many rows are committed (a rerun resumes);
 4. verify that every manifest id is committed exactly once and write the summary `_run.json`.
 """
 
@@ -17,10 +18,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from ovis_batch.config import CaptionConfig, load_config
+from ovis_batch.faults import faults_in_one_line
 from ovis_batch.pipeline.job import (
+    CaptionPlan,
+    check_cluster,
+    committed_note,
     finish_caption_job,
     format_summary,
     plan_caption_job,
@@ -68,17 +73,32 @@ def run_caption(
             "wall_s": 0.0,
         }
     else:
-        with (
-            ray_session(address, num_cpus=reserved_cpus(settings), verbose=verbose, announce=not quiet),
-            live_progress(
-                plan.remaining,
-                None if quiet else sys.stderr,
-                interval_s=progress_interval_s,
-                in_place=False if verbose else None,  # Ray's own bars would fight a line redrawn in place
-            ) as progress,
-        ):
-            totals = run_caption_job(plan, progress)
+        with ray_session(
+            address, num_cpus=reserved_cpus(settings), verbose=verbose, announce=not quiet
+        ) as log_folder:
+            check_cluster(plan)
+            totals = _run(plan, log_folder, None if quiet else sys.stderr, progress_interval_s, verbose)
     summary = finish_caption_job(plan, totals, started)
     if not quiet:
         print(format_summary(summary))
     return summary
+
+
+def _run(
+    plan: CaptionPlan,
+    log_folder: str | None,
+    stream: TextIO | None,
+    progress_interval_s: float,
+    verbose: bool,
+) -> dict[str, Any]:
+    """The work itself, under a progress line on `stream`; a fault leaves as one line (`JobFault`)."""
+    with (
+        live_progress(
+            plan.remaining,
+            stream,
+            interval_s=progress_interval_s,
+            in_place=False if verbose else None,  # Ray's own bars would fight a line redrawn in place
+        ) as progress,
+        faults_in_one_line(lambda: committed_note(plan, progress), log_folder),
+    ):
+        return run_caption_job(plan, progress)
