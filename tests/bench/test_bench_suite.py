@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from bench_files import photo_base64, write_tsv
 
 from ovis_batch.bench.prepare import prepare_benchmark
 from ovis_batch.bench.settings import BenchConfig
+from ovis_batch.checkpoints.trend import RunCheckpoint, checkpoint_scores
 from ovis_batch.config import load_config
 from ovis_batch.pipeline.output import OutputError
 from workflows.bench import bench_run
@@ -135,6 +137,20 @@ def test_suite_report_and_deltas_against_a_previous_run(suite, tmp_path, tiny_ch
     # Each benchmark's own report compares with the same benchmark of the previous run.
     own = json.loads((second / "POPE" / "report" / "metrics.json").read_text())
     assert own["comparison"]["deltas"]["accuracy"]["delta"] == pytest.approx(0.5)
+
+
+def test_a_suite_report_is_a_checkpoint_evaluation_for_the_trend(suite, tmp_path, tiny_checkpoint):
+    """eval-checkpoints --bench writes the suite into checkpoint-N/eval/: the trend reads its metrics."""
+    evaluation = tmp_path / "checkpoint-7" / "eval"
+    scripted(suite, evaluation, {"POPE": ["Yes", "No", "Yes", "Yes"], "MME": ["Yes", "No", "No", "No"]})
+    bench_run(suite, str(tiny_checkpoint), evaluation, quiet=True)
+    layout = SimpleNamespace(path=tmp_path / "run" / "checkpoint-7", trainer_state=None)
+    checkpoint = RunCheckpoint(7, layout, "stamp", tmp_path / "checkpoint-7")
+    row = checkpoint_scores(checkpoint, tmp_path)
+    # POPE: 3 of 4 right; MME code_reasoning: one of its two questions right (acc 50), not both (acc+ 0)
+    assert row.metrics["POPE accuracy"] == 0.75 and row.metrics["MME cognition"] == 50.0
+    assert row.metrics["error rate"] == 0.0 and row.higher_is_better["error rate"] is False
+    assert row.report == "checkpoint-7/eval/report.md"
 
 
 def test_a_changed_benchmark_file_does_not_mix_with_earlier_predictions(suite, tmp_path, tiny_checkpoint):
