@@ -34,6 +34,7 @@ from ovis_batch.bench.prompts import PROMPT_STYLE, build_prompt, default_instruc
 from ovis_batch.bench.source import BenchmarkFileError, BenchmarkTable, cell_text, read_benchmark_file
 from ovis_batch.eval.answers import FINAL_ANSWER_INSTRUCTION
 from ovis_batch.eval.benchmarks import SCORINGS, TASK_TYPES
+from ovis_batch.eval.report import write_text_atomically
 
 PREPARED_FORMAT = "ovis-batch-bench-prepared/1"
 PREPARED_FILE = "prepared.json"
@@ -171,7 +172,7 @@ def write_prepared(table: BenchmarkTable, out: str | os.PathLike, options: Prepa
         "files": {"manifest": MANIFEST_FILE, "references": REFERENCES_FILE},
         "prepared_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    _write_text(out / PREPARED_FILE, json.dumps(document, indent=2) + "\n")
+    write_text_atomically(out / PREPARED_FILE, json.dumps(document, indent=2) + "\n")
     return document
 
 
@@ -378,10 +379,4 @@ _REFERENCES_SCHEMA = pa.schema(
 def _write_parquet(path: Path, table: pa.Table) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, temporary, row_group_size=64)
-    os.replace(temporary, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
     os.replace(temporary, path)

@@ -6,10 +6,8 @@ a finished benchmark left alone on the next run. The slow test kills a real run 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -137,20 +135,8 @@ def test_bench_run_on_200_questions(tmp_path, tiny_checkpoint, photos):
     assert (bench / "report" / "metrics.json").stat().st_mtime_ns == stamp
 
 
-def kill_everything(job: subprocess.Popen) -> None:
-    """SIGKILL the command and every process it started (Ray included) at once: a lost machine."""
-    import psutil  # a dependency of Ray
-
-    processes = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
-    job.wait()
-
-
 @pytest.mark.slow  # two runs of the 200 questions, ~60 s; the test above covers resuming from that state
-def test_bench_run_resumes_after_sigkill(tmp_path, tiny_checkpoint, photos):
+def test_bench_run_resumes_after_sigkill(tmp_path, tiny_checkpoint, photos, kill_process_tree):
     config, rows = benchmark_file(tmp_path, photos)
     out = tmp_path / "out"
     predictions = out / "MMBench_DEV_EN" / "predictions"
@@ -169,7 +155,7 @@ def test_bench_run_resumes_after_sigkill(tmp_path, tiny_checkpoint, photos):
             assert time.monotonic() < deadline, "no question committed within 240 s"
             time.sleep(0.1)
     finally:
-        kill_everything(job)
+        kill_process_tree(job)
     before = committed(predictions)
     assert 8 <= len(before) < 200 and not (out / "metrics.json").exists()
 

@@ -57,7 +57,8 @@ def suite(tmp_path, photos) -> Path:
     config = tmp_path / "bench.yaml"
     config.write_text(
         "settings: {max_new_tokens: 4}\n"
-        f"benchmarks:\n  - {{name: POPE, file: {tmp_path / 'POPE.tsv'}}}\n  - {{name: MME, file: {tmp_path / 'MME.tsv'}}}\n"
+        f"benchmarks:\n  - {{name: POPE, file: {tmp_path / 'POPE.tsv'}}}\n"
+        f"  - {{name: MME, file: {tmp_path / 'MME.tsv'}, settings: {{thinking: true}}}}\n"
     )
     return config
 
@@ -87,8 +88,10 @@ def test_suite_report_and_deltas_against_a_previous_run(suite, tmp_path, tiny_ch
     first, second = tmp_path / "night-1", tmp_path / "night-2"
     # Night 1: POPE right on 1 and 4, "Yes" on 2, nothing parseable on 3; MME: OCR right, code one wrong.
     scripted(suite, first, {"POPE": ["Yes", "Yes", "Hard to say.", "No"], "MME": ["Yes", "No", "Yes", "Yes"]})
-    # Night 2: POPE all right; MME: all right but one error row in OCR.
-    scripted(suite, second, {"POPE": ["Yes", "No", "Yes", "No"], "MME": ["Yes", None, "Yes", "No"]})
+    # Night 2: POPE all right; MME: all right but one error row in OCR; one answer still carries its
+    # thinking trace, whose "No" must not count: the answer is read after the reasoning.
+    trace = "<think>\nDoes it print No? No, it prints the sum.\n</think>\n\nFinal answer: Yes"
+    scripted(suite, second, {"POPE": ["Yes", "No", "Yes", "No"], "MME": ["Yes", None, trace, "No"]})
 
     before = bench_run(suite, str(tiny_checkpoint), first)
     capsys.readouterr()
@@ -131,6 +134,9 @@ def test_suite_report_and_deltas_against_a_previous_run(suite, tmp_path, tiny_ch
     assert ["", "", "", "", "cognition", "200", "+150.0000"] in cells
     assert ["MME", "4", "1", "0", "perception", "50", "-150.0000"] in cells
     report = (second / "report.md").read_text()
+    assert after["benchmarks"]["MME"]["thinking"] and not after["benchmarks"]["POPE"]["thinking"]
+    mme_row = next(line for line in report.splitlines() if line.startswith("| [MME]"))
+    assert [c.strip() for c in mme_row.split("|")][7] == "on"  # the thinking column
     assert "\n".join(table) in report
     assert "## POPE by split" in report and "| adversarial |" in report.replace("  ", " ")
     assert "## MME by category" in report and "code_reasoning" in report
