@@ -20,17 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from ovis_batch.bench.prepare import (
-    MANIFEST_FILE,
-    PrepareOptions,
-    prepare_benchmark,
-    prepared_is_current,
-    read_prepared,
-)
+from ovis_batch.bench.prepare import MANIFEST_FILE, PrepareOptions, prepare_benchmark
 from ovis_batch.bench.settings import BenchConfig
 from ovis_batch.bench.suite import (
     BenchmarkFolder,
@@ -89,22 +82,8 @@ def bench_run(
     with contextlib.ExitStack() as ray_scope:
         for benchmark in suite.benchmarks:
             folder = BenchmarkFolder(output / benchmark.name)
-            options = suite.prepare_options(benchmark)
-            if overwrite and folder.root.exists():
-                shutil.rmtree(folder.root)
-            if not prepared_is_current(folder.root, benchmark.file, options):
-                if folder.predictions.exists():
-                    raise OutputError(
-                        f"{folder.root} holds predictions for another version of {benchmark.name} (another file "
-                        "or other options); they do not answer these questions. Use another --output, or "
-                        "--overwrite to start afresh"
-                    )
-                prepare_benchmark(benchmark.file, folder.root, options)
-            stamp = {
-                "weights_sha256": weights,
-                "settings": settings[benchmark.name].generation_settings(),
-                "prepared": {k: read_prepared(folder.root)[k] for k in ("source", "options")},
-            }
+            folder.prepare(benchmark.file, suite.prepare_options(benchmark), overwrite=overwrite)
+            stamp = folder.stamp(weights, settings[benchmark.name])
             if folder.is_scored(stamp):
                 reports[benchmark.name] = folder.report()
                 continue

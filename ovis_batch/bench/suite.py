@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,15 @@ from typing import Any
 
 import pandas as pd
 
-from ovis_batch.bench.prepare import ID_COLUMN, REFERENCES_FILE, read_prepared
+from ovis_batch.bench.prepare import (
+    ID_COLUMN,
+    REFERENCES_FILE,
+    PrepareOptions,
+    prepare_benchmark,
+    prepared_is_current,
+    read_prepared,
+)
+from ovis_batch.config import CaptionConfig
 from ovis_batch.eval.benchmarks import score_benchmark
 from ovis_batch.eval.data import EvalInputError, load_predictions
 from ovis_batch.eval.health import run_health
@@ -47,7 +56,7 @@ from ovis_batch.eval.report import (
     write_text_atomically,
 )
 from ovis_batch.eval.tasks import NO_CATEGORY
-from ovis_batch.pipeline.output import RUN_FILE
+from ovis_batch.pipeline.output import RUN_FILE, OutputError
 
 SUITE_FORMAT = "ovis-batch-bench/1"
 PREDICTIONS_DIR = "predictions"
@@ -71,6 +80,31 @@ class BenchmarkFolder:
     @property
     def report_dir(self) -> Path:
         return self.root / BENCHMARK_REPORT_DIR
+
+    def prepare(self, source: str, options: PrepareOptions, *, overwrite: bool = False) -> None:
+        """Prepare the benchmark here unless it is prepared from the same file with the same options; a
+        folder whose predictions answer another version of the benchmark is refused (`overwrite`: the
+        folder is removed and prepared afresh)."""
+        if overwrite and self.root.exists():
+            shutil.rmtree(self.root)
+        if prepared_is_current(self.root, source, options):
+            return
+        if self.predictions.exists():
+            raise OutputError(
+                f"{self.root} holds predictions for another version of {self.name} (another file or other "
+                "options); they do not answer these questions. Use another --output, or --overwrite to start afresh"
+            )
+        prepare_benchmark(source, self.root, options)
+
+    def stamp(self, weights_sha256: str, settings: CaptionConfig) -> dict[str, Any]:
+        """What the benchmark's scores depend on: the model weights, the caption settings that decide the
+        outputs, and the prepared questions (source file and options)."""
+        prepared = read_prepared(self.root)
+        return {
+            "weights_sha256": weights_sha256,
+            "settings": settings.generation_settings(),
+            "prepared": {k: prepared[k] for k in ("source", "options")},
+        }
 
     def captions_complete(self) -> bool:
         """The caption job's last run over this benchmark committed every question (its `_run.json`)."""

@@ -169,3 +169,15 @@ def test_a_changed_benchmark_file_does_not_mix_with_earlier_predictions(suite, t
     with pytest.raises(OutputError, match=r"holds predictions for another version of POPE.*--overwrite"):
         bench_run(suite, str(tiny_checkpoint), out, quiet=True)
     assert (out / "POPE" / "prepared.json").read_text() == prepared  # nothing was touched
+
+
+def test_the_command_line_refuses_a_bad_compare_folder_and_knows_every_scoring(suite, tmp_path, capsys):
+    from ovis_batch.cli import main
+    from ovis_batch.commands import bench
+    from ovis_batch.eval.benchmarks import SCORINGS, TASK_TYPES
+
+    assert ["auto", *SCORINGS] == bench.SCORINGS and ["auto", *TASK_TYPES] == bench.TASKS
+    command = ["bench", "run", "--config", str(suite), "--model", "unused", "--output", str(tmp_path / "out")]
+    assert main([*command, "--compare", str(tmp_path / "nowhere")]) == 2
+    assert "no metrics.json there (is it a bench run output?)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work
