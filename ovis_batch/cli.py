@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ovis_batch.commands import (
+    bench,
     caption,
     checkpoint,
     demo,
@@ -25,6 +26,7 @@ from ovis_batch.commands import (
 
 # Each module adds one subcommand. Keep the list sorted by command name: it is the order of `--help`.
 COMMANDS = [
+    bench,
     caption,
     checkpoint,
     demo,

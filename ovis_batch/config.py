@@ -267,8 +267,12 @@ def load_config(cls: type[_Strict], path: str | os.PathLike | None = None, overr
     try:
         return cls(**data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid settings in {source}: {problems}") from None
+        raise ConfigError(f"invalid settings in {source}: {validation_problems(exc)}") from None
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """Each problem of a failed validation as `key: what is wrong`, joined by "; "."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg'].removeprefix('Value error, ')}"
+        for err in exc.errors()
+    )

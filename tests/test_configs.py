@@ -24,6 +24,10 @@ def settings_class(path: Path):
         from ovis_batch.train.settings import FinetuneConfig
 
         return FinetuneConfig
+    if command == "bench":
+        from ovis_batch.bench.settings import BenchConfig
+
+        return BenchConfig
     if command == "evaluate":
         pytest.skip(f"{path.name}: validated by its own command's tests")
     raise AssertionError(f"{path.name}: no settings class is known for it; add it to settings_class()")
@@ -93,3 +97,24 @@ def test_overrides_parse_as_yaml_values(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(CaptionConfig, missing)
+
+
+def test_bench_suite_refuses_what_the_caption_job_would_and_what_bench_sets(tmp_path):
+    from ovis_batch.bench.settings import BenchConfig
+
+    suite = load_config(BenchConfig, CONFIGS / "bench.yaml")
+    thinking = {b.name: b.settings.get("thinking", False) for b in suite.benchmarks}
+    assert thinking["MMBench_DEV_EN"] and thinking["HallusionBench"] and not thinking["POPE"]
+    cases = {
+        "benchmarks:\n  - {name: X, file: x.tsv, scorng: pope}\n": r"benchmarks\.0\.scorng: Extra inputs",
+        "benchmarks:\n  - {name: X, file: x.tsv, settings: {thinking_budget: 9}}\n": r"benchmark 'X'.*thinking_budget is set",
+        "settings: {prompt_column: q}\nbenchmarks:\n  - {name: X, file: x.tsv}\n": r"\['prompt_column'\] are set by bench",
+        "benchmarks:\n  - {name: X, file: a.tsv}\n  - {name: X, file: b.tsv}\n": r"names must be unique; repeated: \['X'\]",
+        "benchmarks:\n  - {name: 'a b', file: a.tsv}\n": r"benchmarks\.0\.name: 'a b': use letters",
+        "benchmarks: []\n": r"benchmarks: List should have at least 1 item",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "bench.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(BenchConfig, bad)

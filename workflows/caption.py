@@ -49,12 +49,13 @@ def run_caption(
     quiet: bool = False,
     verbose: bool = False,
     progress_interval_s: float = DEFAULT_INTERVAL_S,
+    print_summary: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the caption job; returns the summary that is also saved as `_run.json`.
 
     Prints, unless `quiet`: where Ray's logs are, a progress line on stderr (redrawn in place on a
-    terminal, else a line every `progress_interval_s`), the summary on stdout. `verbose`: Ray's own logs
-    and progress bars too.
+    terminal, else a line every `progress_interval_s`), the summary on stdout (unless `print_summary` is
+    false: a caller that reports on its own). `verbose`: Ray's own logs and progress bars too.
     """
     started = time.perf_counter()
     settings: CaptionConfig = load_config(CaptionConfig, config, list(overrides))
@@ -79,7 +80,7 @@ def run_caption(
             check_cluster(plan)
             totals = _run(plan, log_folder, None if quiet else sys.stderr, progress_interval_s, verbose)
     summary = finish_caption_job(plan, totals, started)
-    if not quiet:
+    if not quiet and print_summary:
         print(format_summary(summary))
     return summary
 
