@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from caption_cli import caption_command, committed_ids, photo_manifest
 from cluster_helpers import LocalCluster
-from PIL import Image
 
 from ovis_batch.errors import EXIT_USAGE
 
@@ -37,16 +35,7 @@ OWN_LINE = re.compile(
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory, photos) -> Path:
-    """ROWS photos, referred to by paths relative to the manifest."""
-    folder = tmp_path_factory.mktemp("cluster-manifest")
-    (folder / "images").mkdir()
-    names = list(photos)
-    rows = []
-    for i in range(ROWS):
-        Image.fromarray(photos[names[i % len(names)]]).save(folder / "images" / f"{i:03d}.jpg", quality=90)
-        rows.append({"image_id": f"img-{i:03d}", "image": f"images/{i:03d}.jpg"})
-    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
-    return folder / "manifest.parquet"
+    return photo_manifest(tmp_path_factory.mktemp("cluster-manifest"), photos, ROWS)
 
 
 @pytest.fixture
@@ -65,38 +54,20 @@ def cluster(tmp_path_factory):
 
 def caption(cluster: LocalCluster, manifest: Path, output: Path, model: Path, *settings: str, env=None):
     """`ovis-batch caption ... --address` in a process of its own, stdout and stderr into one log."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ovis_batch.cli",
-            "caption",
-            "--manifest",
-            str(manifest),
-            "--output",
-            str(output),
-            "--model",
-            str(model),
-            "--address",
-            cluster.address,
-            "--progress-interval",
-            "2",
-            *SETTINGS,
-            *settings,
-        ],
-        env=env or cluster.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=Path(__file__).parents[2],
+    command = caption_command(
+        manifest,
+        output,
+        model,
+        "--address",
+        cluster.address,
+        "--progress-interval",
+        "2",
+        *SETTINGS,
+        *settings,
     )
-
-
-def committed(output: Path) -> list[str]:
-    ids = []
-    for shard in sorted(output.glob("part-*.parquet")):
-        ids += pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()
-    return ids
+    return subprocess.Popen(
+        command, env=env or cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_actor_pools_that_take_every_cpu_leave_room_for_reading_and_writing(
@@ -106,7 +77,7 @@ def test_actor_pools_that_take_every_cpu_leave_room_for_reading_and_writing(
     job = caption(cluster, manifest, tmp_path / "out", tiny_checkpoint, "decode_workers=2", "replicas=2")
     out, _ = job.communicate(timeout=300)
     assert job.returncode == 0, out
-    assert sorted(committed(tmp_path / "out")) == [f"img-{i:03d}" for i in range(ROWS)], out
+    assert sorted(committed_ids(tmp_path / "out")) == [f"img-{i:03d}" for i in range(ROWS)], out
     assert all(OWN_LINE.match(line) for line in out.splitlines()), out
 
 
@@ -124,7 +95,7 @@ def test_a_plan_that_cannot_fit_is_refused_before_work_with_the_numbers(
         "decode_workers, or add nodes"
     ), out
     assert not [line for line in out.splitlines() if line.startswith("progress: ")], out  # no work began
-    assert committed(tmp_path / "out") == []
+    assert committed_ids(tmp_path / "out") == []
 
 
 OTHER_JOB = """
@@ -161,19 +132,20 @@ def test_losing_the_worker_node_mid_run_loses_no_row_and_prints_nothing_of_rays(
     try:
         assert other.stdout.readline().strip() == "holding the head"
         output = tmp_path / "out"
-        job = caption(cluster, manifest, output, tiny_checkpoint, "decode_workers=1", "max_new_tokens=24")
+        job = caption(cluster, manifest, output, tiny_checkpoint, "decode_workers=1", "max_new_tokens=96")
         deadline = time.monotonic() + 240
-        while not committed(output):  # the first shard: the actors work on the worker node
+        while not committed_ids(output):  # the first shard: the actors work on the worker node
             assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
-            time.sleep(0.5)
+            time.sleep(0.2)
+        cluster.kill_node("127.0.0.2")
+        before = committed_ids(output)
     finally:
         other.kill()  # the head is free again: the job's actors can be placed there
         other.wait()
-    assert len(committed(output)) < ROWS  # mid-run
-    cluster.kill_node("127.0.0.2")
+    assert len(before) < ROWS  # the node was lost mid-run
     out, _ = job.communicate(timeout=400)
     assert job.returncode == 0, out
-    ids = committed(output)
+    ids = committed_ids(output)
     assert sorted(ids) == [f"img-{i:03d}" for i in range(ROWS)], out  # every id, exactly once
     assert [line for line in out.splitlines() if not OWN_LINE.match(line)] == [], out
     logs = Path(re.search(r"^Ray logs: (\S+)", out, re.MULTILINE)[1])

@@ -11,14 +11,11 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from caption_cli import caption_command, committed_ids, photo_manifest
 
 from ovis_batch.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE
 
@@ -38,38 +35,24 @@ RERUN = "rerun the same command to resume"
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory, photos) -> Path:
-    folder = tmp_path_factory.mktemp("faults")
-    names = list(photos)
-    rows = []
-    for i in range(ROWS):
-        Image.fromarray(photos[names[i % len(names)]]).resize((256, 192)).save(folder / f"{i:02d}.jpg")
-        rows.append({"image_id": f"img-{i:02d}", "image": f"{i:02d}.jpg"})
-    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
-    return folder / "manifest.parquet"
+    return photo_manifest(
+        tmp_path_factory.mktemp("faults"), photos, ROWS, id_format="img-{:02d}", size=(256, 192)
+    )
 
 
-def caption(manifest: Path, output: Path, model: Path, *extra: str, fault: str | None = None, **popen):
+def caption(manifest: Path, output: Path, model: Path, *extra: str, fault: str | None = None):
+    """The caption command in a process of its own, with `fault` injected into every process of the job."""
     env = dict(os.environ)
     if fault:
         env["OVIS_BATCH_TEST_FAULT"] = fault
         env["PYTHONPATH"] = os.pathsep.join([INJECTION, *filter(None, [env.get("PYTHONPATH")])])
-    command = [sys.executable, "-m", "ovis_batch.cli", "caption", "--manifest", str(manifest)]
-    command += ["--output", str(output), "--model", str(model), "--progress-interval", "1", *SETTINGS, *extra]
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
-    )
+    command = caption_command(manifest, output, model, "--progress-interval", "1", *SETTINGS, *extra)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(job: subprocess.Popen, timeout: float = 300) -> tuple[int, list[str]]:
     out, _ = job.communicate(timeout=timeout)
     return job.returncode, out.splitlines()
-
-
-def committed(output: Path) -> list[str]:
-    ids = []
-    for shard in sorted(output.glob("part-*.parquet")):
-        ids += pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()
-    return ids
 
 
 def fault_line(lines: list[str]) -> re.Match:
@@ -91,7 +74,7 @@ def assert_resumes(manifest: Path, output: Path, model: Path, *extra: str, alrea
     """The same command again, without the fault: the ids not yet committed, each exactly once."""
     status, lines = finish(caption(manifest, output, model, *extra))
     assert status == 0, lines
-    assert sorted(committed(output)) == [f"img-{i:02d}" for i in range(ROWS)]  # each id exactly once
+    assert sorted(committed_ids(output)) == [f"img-{i:02d}" for i in range(ROWS)]  # each id exactly once
     assert f"skipped {already} already committed" in "\n".join(lines)
     assert not list((output / "_tmp").glob("part-*"))  # no temporary shard left behind
 
@@ -116,7 +99,7 @@ def test_a_write_that_fails_mid_run_ends_in_one_line_and_the_rerun_resumes(
         re.escape(what.format(output=output)) + r" \(in Ray task write_shard_batch on node [\d.]+\)",
         found["what"],
     ), found["what"]
-    done = committed(output)
+    done = committed_ids(output)
     assert int(found["committed"]) == len(done) >= 4 and int(found["total"]) == ROWS  # 2 shards of 2 rows
     assert found["output"] == str(output)
     assert_resumes(manifest, output, tiny_checkpoint, already=len(done))
@@ -136,7 +119,7 @@ def test_a_disk_that_fills_up_for_real(manifest, tiny_checkpoint, tmp_path):
         assert status == EXIT_FAULT, lines
         found = fault_line(lines)
         assert found["what"].startswith("the disk is full (no space left on device)"), found["what"]
-        assert int(found["committed"]) == len(committed(output)) < ROWS
+        assert int(found["committed"]) == len(committed_ids(output)) < ROWS
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # space again
         assert_resumes(
             manifest, output, tiny_checkpoint, "embedding=last_token", already=int(found["committed"])
@@ -158,14 +141,14 @@ def test_a_model_folder_a_replica_cannot_read_ends_in_one_line(manifest, tiny_ch
         + r" \(in Ray task CaptionPredictor on node [\d.]+\)",
         found["what"],
     ), found["what"]
-    assert found["committed"] == "0" and committed(output) == []
+    assert found["committed"] == "0" and committed_ids(output) == []
 
 
 def test_ctrl_c_ends_in_one_line_and_the_rerun_resumes(manifest, tiny_checkpoint, tmp_path):
     output = tmp_path / "out"
     job = caption(manifest, output, tiny_checkpoint, "max_new_tokens=48")
     deadline = time.monotonic() + 240
-    while not committed(output):
+    while not committed_ids(output):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
         time.sleep(0.2)
     job.send_signal(signal.SIGINT)
@@ -173,7 +156,7 @@ def test_ctrl_c_ends_in_one_line_and_the_rerun_resumes(manifest, tiny_checkpoint
     assert status == EXIT_INTERRUPTED, lines
     found = fault_line(lines)
     assert found["what"] == "interrupted (Ctrl-C)"
-    assert int(found["committed"]) == len(committed(output))
+    assert int(found["committed"]) == len(committed_ids(output))
     assert_resumes(manifest, output, tiny_checkpoint, "max_new_tokens=48", already=int(found["committed"]))
 
 
