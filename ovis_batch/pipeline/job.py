@@ -244,7 +244,6 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
             ]
         )
     )
-    scheme = plan.manifest.uri.split("://", 1)[0] if "://" in plan.manifest.uri else ""
     # Ray Data's file-based reader (V1), not its newer ListFiles -> ReadFiles chain (V2, the default
     # since Ray 2.60): the plan has already listed and checked the manifest's files, and V2 lists them
     # again in a task that starts a pool of footer-reading actors (about 10 s of a 15 s demo on 2 cores),
@@ -268,7 +267,7 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
             "prompt": cfg.prompt,
             "prompt_column": cfg.prompt_column,
             "passthrough": plan.passthrough,
-            "manifest_scheme": scheme,
+            "manifest": plan.manifest.location,
             "input_kind": "patches" if plan.model["model_type"] == "ovis2_5" else "rgb",
             "min_pixels": cfg.min_pixels,
             "max_pixels": cfg.max_pixels,
