@@ -53,15 +53,15 @@ def test_a_second_holder_is_refused_with_the_holder_named(folder):
 
 def test_a_waiting_holder_takes_the_lease_when_the_first_releases_it(folder):
     notes, order = [], []
-    first = lease(folder).__enter__()
+    first = lease(folder, timeout_s=5).__enter__()
 
     def second():
-        with lease(folder, wait=True, notify=notes.append):
+        with lease(folder, timeout_s=5, wait=True, notify=notes.append):  # looks again every 0.5 s
             order.append("second")
 
     waiter = threading.Thread(target=second)
     waiter.start()
-    time.sleep(1.5)
+    time.sleep(1.0)
     assert order == [] and len(notes) == 1 and notes[0].startswith(f"waiting: {folder} is in use by another")
     order.append("first released")
     first.__exit__(None, None, None)
@@ -70,16 +70,16 @@ def test_a_waiting_holder_takes_the_lease_when_the_first_releases_it(folder):
 
 
 def test_renewal_keeps_the_lease_past_its_timeout_and_expiry_frees_it(folder):
-    with lease(folder, timeout_s=1.5) as held:
+    with lease(folder, timeout_s=1.0) as held:
         first_expiry = held.expires_at
-        time.sleep(2.5)  # longer than the timeout: renewals (every 0.5 s) keep it
+        time.sleep(1.5)  # longer than the timeout: renewals (every 1/3 s) keep it
         assert held.expires_at > first_expiry
         with pytest.raises(LeaseHeldError):
             lease(folder).acquire()
         held.ensure_held()
 
     # A holder on another machine that stopped renewing: only the expiry frees its lease.
-    expires = time.time() + 2
+    expires = time.time() + 1
     other = {"token": "x", "what": "caption job", "host": "other-node", "pid": 1, "expires_at": expires}
     folder.join("_lease.json").write_bytes(json.dumps(other).encode())
     with pytest.raises(LeaseHeldError, match="host other-node, pid 1"):
@@ -113,7 +113,7 @@ def test_a_killed_holder_on_this_machine_is_replaced_at_once(folder, s3_env):
 
 
 def test_a_lease_taken_over_after_failed_renewals_is_reported_lost(folder):
-    held = lease(folder, timeout_s=1.5).__enter__()
+    held = lease(folder, timeout_s=0.9).__enter__()
     taker = {
         "token": "other",
         "what": "caption job",
@@ -122,7 +122,7 @@ def test_a_lease_taken_over_after_failed_renewals_is_reported_lost(folder):
         "expires_at": time.time() + 60,
     }
     folder.join("_lease.json").write_bytes(json.dumps(taker).encode())
-    time.sleep(1.2)  # a renewal (every 0.5 s) reads the file and finds another token
+    time.sleep(0.8)  # a renewal (every 0.3 s) reads the file and finds another token
     with pytest.raises(LeaseError, match=r"was lost while this caption job ran: another caption job took it"):
         held.ensure_held()
     held.__exit__(None, None, None)
