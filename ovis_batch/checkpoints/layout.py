@@ -171,13 +171,18 @@ class CheckpointLayout:
         return "Trainer checkpoint" if self.is_trainer else "released model"
 
 
+def local_folder(path: str | os.PathLike, what: str) -> Path:
+    """A checkpoint or training-run folder: on a local disk or a shared mount; a URI is refused by name."""
+    return Path(local_path(path, what, "checkpoint folders are read from a local disk"))
+
+
 def describe_checkpoint(path: str | os.PathLike, *, read_state: bool = True) -> CheckpointLayout:
     """Sort a checkpoint directory's parts and decide where its weights come from (errors name the file).
 
     `read_state=False` skips `trainer_state.json`, which inference does not need (a damaged one then
     does not stop a load).
     """
-    path = Path(local_path(path, "checkpoint", "checkpoint folders are read from a local disk"))
+    path = local_folder(path, "checkpoint")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass a checkpoint folder")
     if not (path / "config.json").is_file():
@@ -379,7 +384,7 @@ def _safetensors_shapes(files: list[Path]) -> tuple[dict[str, list[int]], list[s
 
 def training_run_checkpoints(run: Path) -> list[tuple[int, Path]]:
     """The `checkpoint-N` folders of a Trainer output directory, as (N, folder) sorted by N."""
-    run = Path(local_path(run, "training run", "checkpoint folders are read from a local disk"))
+    run = local_folder(run, "training run")
     found = []
     for p in run.iterdir() if run.is_dir() else []:
         match = CHECKPOINT_FOLDER.match(p.name)

@@ -35,6 +35,7 @@ from ovis_batch.checkpoints.layout import (
     CheckpointLayout,
     checkpoint_stamp,
     describe_checkpoint,
+    local_folder,
     training_run_checkpoints,
 )
 from ovis_batch.model.checkpoint import CheckpointError
@@ -88,7 +89,8 @@ class RunCheckpoint:
 
 def find_run_checkpoints(run_dir: str | os.PathLike, report_dir: str | os.PathLike) -> list[RunCheckpoint]:
     """Every `checkpoint-N` of the run, in step order, each checked before any work starts."""
-    run_dir, report = Path(run_dir), location(report_dir)
+    run_dir = local_folder(run_dir, "training run")
+    report = location(report_dir)
     found = training_run_checkpoints(run_dir)
     if not found:
         raise CheckpointError(
