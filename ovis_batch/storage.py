@@ -140,10 +140,10 @@ class Location:
     def parquet_files(self) -> list[Location]:
         """The file itself, or the `.parquet` files under the folder (recursively) in path order; names
         starting with `_` or `.` below the folder are not data (`_tmp/`, `_run.json`, staging folders).
-        FileNotFoundError when nothing is there."""
+        StorageError when nothing is there or the folder holds no data file."""
         info = self.info()
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(self.uri)
+            raise StorageError(f"{self.uri} does not exist")
         if info.type == pafs.FileType.File:
             return [self]
         found = []
@@ -152,6 +152,11 @@ class Location:
             hidden = any(part.startswith(("_", ".")) for part in relative.split("/"))
             if entry.type == pafs.FileType.File and entry.path.endswith(".parquet") and not hidden:
                 found.append(self.at(entry.path))
+        if not found:
+            raise StorageError(
+                f"no Parquet data files under {self.uri} (no .parquet files, or only names starting "
+                "with '_' or '.', which are not data)"
+            )
         return found
 
     def open_input(self) -> pa.NativeFile:

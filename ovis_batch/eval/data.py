@@ -83,17 +83,10 @@ def read_parquet(path: str, columns: Sequence[str] | None = None, what: str = "i
     EvalInputError when the path does not exist or holds no Parquet data.
     """
     try:
-        root = location(path)
-        found = root.parquet_files()
-    except FileNotFoundError:
-        raise EvalInputError(f"{what} path {path!r} does not exist") from None
+        found = location(path).parquet_files()
     except StorageError as err:
         raise EvalInputError(f"{what}: {err}") from err
-    if not found:
-        raise EvalInputError(
-            f"{what} folder {path!r} holds no .parquet files (names starting with '_' or '.' are skipped)"
-        )
-    fs, files = root.fs, [f.path for f in found]
+    fs, files = found[0].fs, [f.path for f in found]
 
     tables, metadata = [], {}
     for file in files:

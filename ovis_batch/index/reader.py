@@ -112,15 +112,10 @@ def list_data_files(where: str | os.PathLike) -> tuple[pafs.FileSystem, list[str
     """
     try:
         found = location(where).parquet_files()
-    except FileNotFoundError:
-        raise EmbeddingInputError(f"embeddings not found: {where} does not exist") from None
     except StorageError as err:
-        raise EmbeddingInputError(f"cannot open {where}: {err}") from err
-    if not found:
         raise EmbeddingInputError(
-            f"no Parquet data files under {where} (names starting with '_' or '.' are ignored). "
-            "Point --embeddings at the batch job's output folder."
-        )
+            f"embeddings: {err}. Point --embeddings at the batch job's output folder."
+        ) from err
     return found[0].fs, [f.path for f in found]
 
 
