@@ -164,9 +164,19 @@ class Location:
         return self.fs.open_input_file(self.path)
 
     def read_bytes(self) -> bytes:
-        """The whole file; FileNotFoundError when it does not exist."""
-        with self.fs.open_input_stream(self.path) as stream:
-            return stream.read()
+        """The whole file; FileNotFoundError when it does not exist (or was deleted while being opened)."""
+        try:
+            with self.fs.open_input_stream(self.path) as stream:
+                return stream.read()
+        except OSError as exc:
+            # S3 says "RESOURCE_NOT_FOUND during GetObject" (an OSError) for an object deleted between
+            # the lookup and the read.
+            if (
+                isinstance(exc, FileNotFoundError)
+                or self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+            ):
+                raise
+            raise FileNotFoundError(self.uri) from exc
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")

@@ -108,16 +108,19 @@ def wait_for(condition, job: subprocess.Popen, what: str, seconds: float = 240) 
 
 
 def held_by(output: Location, job: subprocess.Popen) -> str:
-    return rf"{output.uri} is in use by another caption job: host {socket.gethostname()}, pid {job.pid}, started "
+    """The start of the message that names `job` as the holder (no regex characters in it but dots)."""
+    return (
+        f"{output.uri} is in use by another caption job: host {socket.gethostname()}, pid {job.pid}, started "
+    )
 
 
 def test_on_the_bucket_a_second_job_stops_and_a_killed_one_is_resumed_exactly_once(
-    bucket, tiny_checkpoint, photos
+    bucket, tiny_checkpoint, photos, capsys
 ):
     root = location(bucket).join("one-job")
     rows = 10
     manifest, output = write_manifest(root, photos, rows), root.join("out")
-    first = start(caption_command(manifest, output, tiny_checkpoint, *SLOW))
+    first = start(caption_command(manifest, output, tiny_checkpoint, *SLOW, "lease_timeout_s=6"))
     try:
         wait_for(lambda: len(committed(output)) >= 2, first, "a committed shard")
         started = time.monotonic()
@@ -131,44 +134,52 @@ def test_on_the_bucket_a_second_job_stops_and_a_killed_one_is_resumed_exactly_on
 
     # What a killed run can leave in _tmp/ (local disks; a shard is one PUT on object stores).
     output.join("_tmp", "part-stale.parquet.tmp").write_bytes(b"partial")
-    # The killed job's lease is still there. Had it run on another machine, only its expiry would free
-    # it: make the record say so, with 3 s left, and let the rerun wait for it.
+    # The killed job's lease (6 s, renewed every 2 s) is still there. On this machine its dead pid would
+    # free it at once; had the job run on another machine, only its expiry frees it: say so in the record.
     lease = output.join("_lease.json")
-    record = json.loads(lease.read_bytes()) | {"host": "other-node", "expires_at": time.time() + 3}
-    lease.write_bytes(json.dumps(record).encode())
-    rerun = subprocess.run(
-        caption_command(manifest, output, tiny_checkpoint, *SLOW, "--wait-for-lease"),
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    record = json.loads(lease.read_bytes())
+    lease.write_bytes(json.dumps(record | {"host": "other-node"}).encode())
+    capsys.readouterr()
+    summary = run_caption(manifest, output.uri, str(tiny_checkpoint), overrides=SLOW, wait_for_lease=True)
+    waited = capsys.readouterr().err
     assert (
-        f"waiting: {output.uri} is in use by another caption job: host other-node, pid {first.pid}"
-        in rerun.stderr
+        f"waiting: {output.uri} is in use by another caption job: host other-node, pid {first.pid}" in waited
     )
-    after = committed(output)
-    assert sorted(after) == [f"row-{i:02d}" for i in range(rows)]  # every id, exactly once
-    summary = json.loads(output.join("_run.json").read_bytes())
+    assert time.time() >= record["expires_at"]  # it ran only once the killed job's lease had expired
+    assert sorted(committed(output)) == [f"row-{i:02d}" for i in range(rows)]  # every id, exactly once
     assert summary["skipped_already_done"] == len(before) and summary["this_run"]["rows"] == rows - len(
         before
     )
     assert output.join("_tmp").files() == [] and not lease.exists()
 
 
-def test_on_a_local_disk_a_second_job_stops_and_a_dead_holder_is_replaced_at_once(
+def test_on_a_local_disk_a_second_job_stops_or_waits_and_takes_over_from_a_killed_one(
     tmp_path, tiny_checkpoint, photos
 ):
     root = location(tmp_path)
     manifest, output = write_manifest(root, photos, 3), root.join("out")
-    first = start(caption_command(manifest, output, tiny_checkpoint, *FAST))
+    first = start(caption_command(manifest, output, tiny_checkpoint, *SLOW))
     try:
         wait_for(output.join("_lease.json").exists, first, "lease", seconds=120)
         with pytest.raises(LeaseHeldError, match=held_by(output, first)):
-            run_caption(manifest, output.uri, str(tiny_checkpoint), overrides=FAST, quiet=True)
+            run_caption(manifest, output.uri, str(tiny_checkpoint), overrides=SLOW, quiet=True)
+        waiting = subprocess.Popen(
+            caption_command(
+                manifest, output, tiny_checkpoint, *SLOW, "lease_timeout_s=5", "--wait-for-lease"
+            ),
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        seen = [waiting.stderr.readline()]
+        while seen[-1] and not seen[-1].startswith("waiting: "):
+            seen.append(waiting.stderr.readline())
+        assert seen[-1].startswith(f"waiting: {held_by(output, first)}"), seen
+        assert first.poll() is None  # the first job was still running while the second waited
     finally:
         kill_job(first)
-    assert output.join("_lease.json").exists()  # a kill leaves it; its pid is dead, so the rerun takes it
-    summary = run_caption(manifest, output.uri, str(tiny_checkpoint), overrides=FAST, quiet=True)
-    assert summary["complete"] and sorted(committed(output)) == ["row-00", "row-01", "row-02"]
+    _, rest = waiting.communicate(timeout=400)  # the killed holder's pid is gone: taken over at once
+    assert waiting.returncode == 0, rest[-3000:]
+    assert f"taking over the lease of {output.uri} from a job that ended" in rest
+    assert sorted(committed(output)) == ["row-00", "row-01", "row-02"]
     assert not output.join("_lease.json").exists()
