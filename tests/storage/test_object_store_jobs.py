@@ -142,3 +142,28 @@ def test_index_build_add_and_search_on_the_bucket(
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 1 + N_ROWS and {line.split()[1] for line in table[1:]} == set(captioned["ids"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_embed_texts_writes_to_the_bucket_and_unwritable_destinations_are_refused_before_work(
+    captioned, bucket, tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    refs = f"{bucket}/refs-texts/references.parquet"
+    put_parquet(refs, [{"image_id": i, "references": [f"photo {i}", f"image {i}"]} for i in captioned["ids"]])
+    argv = ["embed-texts", "--references", refs, "--model", str(tiny_checkpoint)]
+    assert main([*argv, "--output", f"{bucket}/texts"]) == 0
+    table = pq.read_table(io.BytesIO(location(f"{bucket}/texts/text_embeddings.parquet").read_bytes()))
+    assert table.num_rows == 2 * N_ROWS and table.schema.field("embedding").type.list_size == 48
+
+    missing = "s3://no-such-bucket-ovis/x"
+    capsys.readouterr()
+    for command in (
+        [*argv, "--output", missing],
+        ["evaluate", "--predictions", f"{bucket}/out-relative", "--references", refs, "--report", missing],
+        ["index", "build", "--embeddings", f"{bucket}/out-relative", "--index", missing],
+    ):
+        assert main(command) == 2, command
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and missing.rsplit("/", 1)[0] in error, error
+        assert "no-such-bucket-ovis" in error and "AWS_ENDPOINT_URL" in error and len(error.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
