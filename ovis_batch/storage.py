@@ -65,7 +65,7 @@ class Location:
     query: str = ""
 
     def __str__(self) -> str:
-        return self.uri
+        return self.uri  # messages name the URI the user wrote
 
     # ------------------------------------------------------------------------------------ naming
 
@@ -76,6 +76,7 @@ class Location:
 
     @property
     def name(self) -> str:
+        """The last part of the path."""
         return posixpath.basename(self.path.rstrip("/"))
 
     def at(self, path: str) -> Location:
@@ -96,6 +97,7 @@ class Location:
 
     @property
     def parent(self) -> Location:
+        """The folder above (a bucket's root stays the root)."""
         root = self._root()
         parent = posixpath.dirname(self.path.rstrip("/"))
         return self.at(parent if len(parent) >= len(root) else root)
@@ -113,16 +115,20 @@ class Location:
     # ------------------------------------------------------------------------------------ reading
 
     def info(self) -> pafs.FileInfo:
+        """pyarrow's FileInfo (type, size, mtime); StorageError when the store cannot be reached."""
         with storage_errors(self, "look up"):
             return self.fs.get_file_info(self.path)
 
     def exists(self) -> bool:
+        """A file or a folder is there."""
         return self.info().type != pafs.FileType.NotFound
 
     def is_file(self) -> bool:
+        """A file is there."""
         return self.info().type == pafs.FileType.File
 
     def is_dir(self) -> bool:
+        """A folder is there (on object stores: some key starts with this path and `/`)."""
         return self.info().type == pafs.FileType.Directory
 
     def list(self, *, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -179,6 +185,7 @@ class Location:
             raise FileNotFoundError(self.uri) from exc
 
     def read_text(self) -> str:
+        """The whole file as UTF-8 text."""
         return self.read_bytes().decode("utf-8")
 
     def local_path(self) -> str:
@@ -190,6 +197,7 @@ class Location:
     # ------------------------------------------------------------------------------------ writing
 
     def make_dirs(self) -> None:
+        """Create the folder and those above it (object stores: a marker object, harmless)."""
         with storage_errors(self, "create"):
             self.fs.create_dir(self.path, recursive=True)
 
@@ -229,6 +237,7 @@ class Location:
                 os.fsync(handle.fileno())
 
     def write_text(self, text: str, *, staging: Location | None = None) -> None:
+        """`write_bytes` of UTF-8 text."""
         self.write_bytes(text.encode("utf-8"), staging=staging)
 
     def delete(self) -> None:

@@ -114,7 +114,7 @@ def list_data_files(where: str | os.PathLike) -> tuple[pafs.FileSystem, list[str
         found = location(where).parquet_files()
     except StorageError as err:
         raise EmbeddingInputError(
-            f"embeddings: {err}. Point --embeddings at the batch job's output folder."
+            f"embeddings not found: {err}. Point --embeddings at the batch job's output folder."
         ) from err
     return found[0].fs, [f.path for f in found]
 

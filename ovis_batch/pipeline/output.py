@@ -84,17 +84,21 @@ class OutputFolder:
 
     @classmethod
     def open(cls, uri: str | os.PathLike | Location) -> OutputFolder:
+        """The folder at a local path or URI (nothing is created yet)."""
         return cls(location(uri))
 
     @property
     def uri(self) -> str:
+        """The folder's URI (an absolute path for local folders)."""
         return self.location.uri
 
     @property
     def fs(self) -> pafs.FileSystem:
+        """The filesystem shard paths are opened with."""
         return self.location.fs
 
     def file(self, *parts: str) -> Location:
+        """A file (or folder) inside the output folder."""
         return self.location.join(*parts)
 
     def prepare(self) -> None:

@@ -153,6 +153,9 @@ def test_on_the_bucket_a_second_job_stops_and_a_killed_one_is_resumed_exactly_on
     assert output.join("_tmp").files() == [] and not lease.exists()
 
 
+# ~35 s: the lease tests (refusal, waiting, a killed holder on this machine) and the bucket test above
+# cover its paths with less work.
+@pytest.mark.slow
 def test_on_a_local_disk_a_second_job_stops_or_waits_and_takes_over_from_a_killed_one(
     tmp_path, tiny_checkpoint, photos
 ):
