@@ -8,7 +8,6 @@ never the whole config. The YAML files in `configs/` are data: `tests/test_confi
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ovis_batch.errors import UsageError
 from ovis_batch.model.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from ovis_batch.storage import location
 
 DEFAULT_PIXEL_CEILING = 200_000_000
 
@@ -123,6 +123,12 @@ class CaptionConfig(_Strict):
         gt=0,
         description="With no row committed for this long, stop the job (committed rows are kept; a rerun "
         "resumes). null: never. Leave room for the model to load and one shard to be captioned.",
+    )
+    lease_timeout_s: float = Field(
+        120,
+        ge=1,
+        description="One job per output folder: the running job renews its lease every third of this; "
+        "after a crash the next job may start this many seconds after the last renewal.",
     )
 
     # ---- generation engine
@@ -250,7 +256,7 @@ def load_config(cls: type[_Strict], path: str | os.PathLike | None = None, overr
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(location(path).read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist") from exc
         except yaml.YAMLError as exc:

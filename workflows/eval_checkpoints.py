@@ -19,7 +19,6 @@ The story, each step delegated to ovis_batch and the two jobs it chains:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ovis_batch.bench.settings import BenchConfig
@@ -29,6 +28,7 @@ from ovis_batch.eval.options import EvaluateOptions
 from ovis_batch.pipeline.job import reserved_cpus
 from ovis_batch.progress import DEFAULT_INTERVAL_S
 from ovis_batch.ray_session import ray_session
+from ovis_batch.storage import location
 from workflows.bench import bench_run
 from workflows.caption import run_caption
 from workflows.evaluate import evaluate
@@ -50,11 +50,12 @@ def eval_checkpoints(
     meteor: bool = True,
     verbose: bool = False,
     progress_interval_s: float = DEFAULT_INTERVAL_S,
+    wait_for_lease: bool = False,
 ) -> dict[str, Any]:
     """Score every checkpoint of `run_dir` not scored yet, on `manifest` + `references` or on the benchmark
     suite `bench`; returns the trend.json document it wrote.
 
-    `verbose`: Ray's own logs on the terminal too; `progress_interval_s`: see `run_caption`.
+    `verbose`: Ray's own logs on the terminal too; `progress_interval_s`, `wait_for_lease`: see `run_caption`.
     """
     # 1. Every checkpoint and the settings are checked up front: a bad one stops the run before any work.
     checkpoints = find_run_checkpoints(run_dir, report)
@@ -103,6 +104,7 @@ def eval_checkpoints(
                     limit=limit,
                     verbose=verbose,
                     progress_interval_s=progress_interval_s,
+                    wait_for_lease=wait_for_lease,
                 )
                 if not summary["complete"]:
                     raise RuntimeError(
@@ -122,8 +124,8 @@ def eval_checkpoints(
                 )
 
     # 3. The trend over every checkpoint, scored now or before.
-    rows = [checkpoint_scores(c, Path(report)) for c in checkpoints]
+    rows = [checkpoint_scores(c, report) for c in checkpoints]
     newest = checkpoints[-1].layout.trainer_state
     document = write_trend_report(report, run_dir, rows, newest.losses if newest else ())
-    print(f"trend report: {Path(report) / 'trend.md'}")
+    print(f"trend report: {location(report).join('trend.md')}")
     return document

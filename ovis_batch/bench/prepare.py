@@ -34,7 +34,7 @@ from ovis_batch.bench.prompts import PROMPT_STYLE, build_prompt, default_instruc
 from ovis_batch.bench.source import BenchmarkFileError, BenchmarkTable, cell_text, read_benchmark_file
 from ovis_batch.eval.answers import FINAL_ANSWER_INSTRUCTION
 from ovis_batch.eval.benchmarks import SCORINGS, TASK_TYPES
-from ovis_batch.eval.report import write_text_atomically
+from ovis_batch.storage import location
 
 PREPARED_FORMAT = "ovis-batch-bench-prepared/1"
 PREPARED_FILE = "prepared.json"
@@ -172,7 +172,7 @@ def write_prepared(table: BenchmarkTable, out: str | os.PathLike, options: Prepa
         "files": {"manifest": MANIFEST_FILE, "references": REFERENCES_FILE},
         "prepared_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    write_text_atomically(out / PREPARED_FILE, json.dumps(document, indent=2) + "\n")
+    location(out).join(PREPARED_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return document
 
 

@@ -53,10 +53,10 @@ from ovis_batch.eval.report import (
     markdown_table,
     model_line,
     write_report,
-    write_text_atomically,
 )
 from ovis_batch.eval.tasks import NO_CATEGORY
 from ovis_batch.pipeline.output import RUN_FILE, OutputError
+from ovis_batch.storage import location
 
 SUITE_FORMAT = "ovis-batch-bench/1"
 PREDICTIONS_DIR = "predictions"
@@ -247,10 +247,10 @@ def suite_document(
 
 def write_suite_report(output: str | os.PathLike, document: dict[str, Any]) -> dict[str, Any]:
     """report.md, then metrics.json (last: it marks a complete suite)."""
-    output = Path(output)
-    write_text_atomically(output / REPORT_FILE, render_suite(document))
+    folder = location(output)
+    folder.join(REPORT_FILE).write_text(render_suite(document))
     text = json.dumps(json_safe(document), indent=2, allow_nan=False)
-    write_text_atomically(output / METRICS_FILE, text + "\n")
+    folder.join(METRICS_FILE).write_text(text + "\n")
     return document
 
 

@@ -43,5 +43,6 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         verbose=args.verbose,
         progress_interval_s=args.progress_interval,
+        wait_for_lease=args.wait_for_lease,
     )
     return 0 if summary["complete"] else 1

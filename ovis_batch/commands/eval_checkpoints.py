@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             meteor=not args.no_meteor,
             verbose=args.verbose,
             progress_interval_s=args.progress_interval,
+            wait_for_lease=args.wait_for_lease,
         )
     except (CheckpointError, ConfigError, EvalInputError, ManifestError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The report folder: `metrics.json` (machine-readable), `report.md` (people), `scores.parquet`, plots.
 
+The folder is a local path or a URI (s3://, gs://, ...), written through `ovis_batch.storage`.
 `metrics.json` tags every score with its scale and tokenizer, records the inputs (paths, files, the
 model metadata the batch job wrote into its Parquet files), the row counts, run health and errors, and
 with `--compare` the delta of every headline metric against a previous report. It is written last,
@@ -10,9 +11,9 @@ as tables that read well in a terminal and on a web page, and links the PNG plot
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from ovis_batch.eval import plots
 from ovis_batch.eval.data import EvalInputError
 from ovis_batch.eval.health import RunHealth
 from ovis_batch.eval.tasks import NO_CATEGORY, Metric, TaskResult
+from ovis_batch.storage import Location, StorageError, location
 
 FORMAT = "ovis-batch-eval/1"
 METRICS_FILE = "metrics.json"
@@ -43,11 +45,15 @@ HEALTH_METRICS = (
 
 def load_previous(report_dir: str) -> dict[str, Any]:
     """The metrics.json of a previous report folder (for --compare)."""
-    path = os.path.join(report_dir, METRICS_FILE)
-    if not os.path.exists(path):
-        raise EvalInputError(f"--compare {report_dir!r}: no {METRICS_FILE} there (is it a report folder?)")
-    with open(path, encoding="utf-8") as f:
-        previous = json.load(f)
+    path = location(report_dir).join(METRICS_FILE)
+    try:
+        previous = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise EvalInputError(
+            f"--compare {report_dir!r}: no {METRICS_FILE} there (is it a report folder?)"
+        ) from None
+    except StorageError as err:
+        raise EvalInputError(f"--compare {report_dir!r}: {err}") from err
     if previous.get("format") != FORMAT:
         raise EvalInputError(f"--compare {path!r} has format {previous.get('format')!r}, expected {FORMAT!r}")
     return previous
@@ -97,15 +103,23 @@ def build_metrics(
 def write_report(
     report_dir: str, document: dict[str, Any], result: TaskResult, health: RunHealth
 ) -> dict[str, Any]:
-    """Write plots, scores.parquet, report.md and finally metrics.json into `report_dir`."""
-    os.makedirs(os.path.join(report_dir, PLOTS_DIR), exist_ok=True)
-    plot_files = _write_plots(report_dir, result, health)
-    result.items.to_parquet(os.path.join(report_dir, SCORES_FILE), index=False)
+    """Write plots, scores.parquet, report.md and finally metrics.json into `report_dir` (a local folder
+    or a URI; each file is written whole, so metrics.json marks a complete report)."""
+    folder = location(report_dir)
+    plot_files = _write_plots(folder, result, health)
+    scores = io.BytesIO()
+    result.items.to_parquet(scores, index=False)
+    folder.join(SCORES_FILE).write_bytes(scores.getvalue())
     document["files"] = {"report": REPORT_FILE, "scores": SCORES_FILE, "plots": plot_files}
-    write_text_atomically(os.path.join(report_dir, REPORT_FILE), render_markdown(document))
+    folder.join(REPORT_FILE).write_text(render_markdown(document))
     text = json.dumps(json_safe(document), indent=2, allow_nan=False)
-    write_text_atomically(os.path.join(report_dir, METRICS_FILE), text + "\n")
+    folder.join(METRICS_FILE).write_text(text + "\n")
     return document
+
+
+def check_report_folder(report_dir: str) -> None:
+    """Before scoring: the report folder can be written (StorageError says why not and what to do)."""
+    location(report_dir).check_writable("report folder")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,12 +323,12 @@ def _group_sections(document: Mapping[str, Any]) -> list[tuple[str, dict[str, An
     return sections
 
 
-def _write_plots(report_dir: str, result: TaskResult, health: RunHealth) -> list[str]:
+def _write_plots(folder: Location, result: TaskResult, health: RunHealth) -> list[str]:
     written = []
 
-    def plot(name: str) -> str:
+    def plot(name: str) -> Location:
         written.append(_plot_name(name))
-        return os.path.join(report_dir, _plot_name(name))
+        return folder.join(_plot_name(name))
 
     groups = []
     if result.categories and set(result.categories) != {NO_CATEGORY}:
@@ -427,14 +441,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write through a temporary name and rename, so that a reader never sees half a file."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, path)
-
-
 def _version() -> str:
     from ovis_batch import __version__
 
@@ -443,4 +449,4 @@ def _version() -> str:
 
 def scores_frame(path: str) -> pd.DataFrame:
     """The per-item scores of a report folder (`scores.parquet`)."""
-    return pd.read_parquet(os.path.join(path, SCORES_FILE))
+    return pd.read_parquet(io.BytesIO(location(path).join(SCORES_FILE).read_bytes()))

@@ -268,6 +268,20 @@ def caption_pools(config: CaptionConfig) -> list[Pool]:
     )
 
 
+def empty_totals() -> dict[str, Any]:
+    """The statistics of a run that committed nothing (yet): `run_caption_job` adds each shard's."""
+    return {
+        "rows": 0,
+        "ok": 0,
+        "errors": Counter(),
+        "output_tokens": 0,
+        "decode_s": 0.0,
+        "infer_s": 0.0,
+        "shards": 0,
+        "wall_s": 0.0,
+    }
+
+
 def check_cluster(plan: CaptionPlan) -> None:
     """The pre-flight checks that need the Ray session: the cluster's GPUs for `engine: vllm`, and that
     the job's actor pools fit the cluster's nodes (ResourcePlanError with the numbers)."""
@@ -284,15 +298,7 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
     """
     cfg = plan.config
     pools = caption_pools(cfg)
-    totals: dict[str, Any] = {
-        "rows": 0,
-        "ok": 0,
-        "errors": Counter(),
-        "output_tokens": 0,
-        "decode_s": 0.0,
-        "infer_s": 0.0,
-        "shards": 0,
-    }
+    totals = empty_totals()
     watchdog = StallWatchdog(
         report_s=cfg.stall_report_s,
         timeout_s=cfg.stall_timeout_s,
@@ -369,7 +375,6 @@ def caption_dataset(plan: CaptionPlan, manifest, placement: dict[str, Callable[[
     from ovis_batch.pipeline.stages import DecodeStage, write_shard_batch
 
     cfg = plan.config
-    scheme = plan.manifest.uri.split("://", 1)[0] if "://" in plan.manifest.uri else ""
     ds = manifest
     keep = ray.put(plan.keep) if plan.keep is not None else None
     skip = ray.put(plan.skip) if len(plan.skip) else None
@@ -381,7 +386,7 @@ def caption_dataset(plan: CaptionPlan, manifest, placement: dict[str, Callable[[
             "prompt": cfg.prompt,
             "prompt_column": cfg.prompt_column,
             "passthrough": plan.passthrough,
-            "manifest_scheme": scheme,
+            "manifest": plan.manifest.location,
             "input_kind": "patches" if plan.model["model_type"] == "ovis2_5" else "rgb",
             "min_pixels": cfg.min_pixels,
             "max_pixels": cfg.max_pixels,
@@ -410,8 +415,7 @@ def caption_dataset(plan: CaptionPlan, manifest, placement: dict[str, Callable[[
     ds = ds.map_batches(
         write_shard_batch,
         fn_kwargs={
-            # A local folder by its absolute path: a worker's working directory is not the driver's.
-            "output_uri": plan.output.path if "://" not in plan.output.uri else plan.output.uri,
+            "output_uri": plan.output.uri,  # absolute for a local folder: workers have their own cwd
             "id_column": cfg.id_column,
             "schema": plan.schema,
             "metadata": plan.metadata,

@@ -22,7 +22,6 @@ from ovis_batch.model.checkpoint import CheckpointError
 
 def fake_evaluation(checkpoint, cider: float, error_rate: float) -> None:
     """What the evaluation leaves behind, reduced to the parts the trend reads."""
-    checkpoint.eval_dir.mkdir(parents=True)
     document = {
         "metrics": {
             "CIDEr-D": {"value": cider, "higher_is_better": True},
@@ -30,7 +29,7 @@ def fake_evaluation(checkpoint, cider: float, error_rate: float) -> None:
         },
         "health": {"metrics": {"error rate": {"value": error_rate, "higher_is_better": False}}},
     }
-    (checkpoint.eval_dir / "metrics.json").write_text(json.dumps(document))
+    checkpoint.eval_dir.join("metrics.json").write_text(json.dumps(document))
 
 
 def test_trend_report_puts_every_metric_beside_the_training_loss(trainer_run, tmp_path):
