@@ -5,11 +5,12 @@
         [thinking=true embedding=last_token]
 
 The story, each step delegated to ovis_batch:
-1. read and validate the settings (unknown keys and impossible values stop here);
+1. read and validate the settings (unknown keys and impossible values stop here), check the manifest
+   (columns, unique ids), the model files and the settings against the model's tokenizer and context;
 2. take the output folder's lease (one job per folder: a second one stops, naming the first, or waits
    with --wait-for-lease) and remove what an interrupted run left in `_tmp/`;
-   plan: check the manifest (columns, unique ids), the model files and the output folder, and find the
-   ids already committed by an earlier run (resume) - all before any work starts;
+   plan: check the output folder and find the ids already committed by an earlier run (resume) - all
+   before any work starts;
 3. run on Ray Data: decode on CPU workers, caption on one resident model per replica, commit shards
    atomically; a progress line counts the committed rows (Ray's own logs go to its log folder); a fault
    stops the run with one line saying what failed and how many rows are committed (a rerun resumes);
@@ -27,6 +28,7 @@ from ovis_batch.config import CaptionConfig, load_config
 from ovis_batch.faults import faults_in_one_line
 from ovis_batch.pipeline.job import (
     CaptionPlan,
+    check_caption_inputs,
     check_cluster,
     committed_note,
     empty_totals,
@@ -67,12 +69,13 @@ def run_caption(
     """
     started = time.perf_counter()
     settings: CaptionConfig = load_config(CaptionConfig, config, list(overrides))
+    inputs = check_caption_inputs(manifest, model, settings, limit=limit, address=address)
     # One job per output folder: the lease is held from the plan to the summary (renewed meanwhile).
     with OutputFolder.open(output).hold(
         timeout_s=settings.lease_timeout_s, wait=wait_for_lease, notify=None if quiet else _to_stderr
     ) as lease:
         plan = plan_caption_job(
-            manifest, output, model, settings, limit=limit, overwrite=overwrite, address=address
+            manifest, output, model, settings, overwrite=overwrite, address=address, inputs=inputs
         )
         totals = empty_totals()
         if plan.remaining:  # else everything is committed already: nothing to start

@@ -87,7 +87,7 @@ def eval_checkpoints(
                     bench_run(
                         bench,
                         str(checkpoint.path),
-                        checkpoint.eval_dir,
+                        str(checkpoint.eval_dir),
                         overrides=list(overrides),
                         address=address,
                         verbose=verbose,

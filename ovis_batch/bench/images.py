@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ovis_batch.bench.source import BenchmarkTable, cell_text
-from ovis_batch.pipeline.manifest import filesystem_for
+from ovis_batch.errors import UsageError
+from ovis_batch.pipeline.manifest import resolve_image_ref
 
 COMPOSE_POLICY = (
     "several images per question composed into one: scaled to the tallest one's height, side by side "
@@ -126,15 +127,7 @@ def _image_bytes(
 
 
 def _read_path(table: BenchmarkTable, row: int, item: object) -> bytes:
-    path = str(item).strip()
-    if "://" in path:
-        fs, path = filesystem_for(path)
-    else:
-        fs = table.fs
-        if not path.startswith("/"):
-            path = f"{table.folder}/{path}" if table.folder else path
     try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except (FileNotFoundError, OSError) as exc:
+        return resolve_image_ref(str(item).strip(), table.file).read_bytes()
+    except (FileNotFoundError, OSError, UsageError) as exc:
         raise table.error(row, "image_path", f"cannot read {item!r} ({exc})") from exc

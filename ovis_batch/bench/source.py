@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import posixpath
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ovis_batch.errors import UsageError
-from ovis_batch.pipeline.manifest import filesystem_for
+from ovis_batch.storage import Location, location
 
 OPTION_LETTERS = tuple(string.ascii_uppercase)
 # The column names the rest of the package reads (VLMEvalKit's), and what a mapping may target.
@@ -64,8 +62,7 @@ class BenchmarkTable:
     """The rows of a benchmark file under the standard column names, and where the file is."""
 
     uri: str
-    fs: pafs.FileSystem
-    folder: str  # the file's folder on `fs`: image paths are relative to it
+    file: Location  # where the file is: `image_path` values are relative to its folder
     frame: pd.DataFrame  # standard column names, plus `row`: the 1-based data row in the file
     size: int
     sha256: str
@@ -84,17 +81,15 @@ class BenchmarkTable:
 def read_benchmark_file(uri: str, columns: Mapping[str, str] | None = None) -> BenchmarkTable:
     """Read a `.tsv` (VLMEvalKit's layout) or `.parquet` benchmark file; `columns` maps a standard name
     (`COLUMNS`) to the file's own column name."""
-    fs, path = filesystem_for(str(uri))
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
+    file = location(uri)
+    if not file.exists():
         raise BenchmarkFileError(f"benchmark file {uri} does not exist")
-    if info.type != pafs.FileType.File:
+    if not file.is_file():
         raise BenchmarkFileError(
             f"benchmark file {uri} is not a file (a folder?); give the .tsv or .parquet file"
         )
-    with fs.open_input_stream(path) as stream:
-        data = stream.read()
-    name = path.lower()
+    data = file.read_bytes()
+    name = file.name.lower()
     if name.endswith((".tsv", ".txt")):
         try:
             frame = pd.read_csv(io.BytesIO(data), sep="\t", dtype=str, keep_default_na=False, na_values=[""])
@@ -113,9 +108,7 @@ def read_benchmark_file(uri: str, columns: Mapping[str, str] | None = None) -> B
     if frame.empty:
         raise BenchmarkFileError(f"benchmark file {uri} holds no rows")
     frame.insert(0, "row", range(1, len(frame) + 1))
-    return BenchmarkTable(
-        str(uri), fs, posixpath.dirname(path), frame, len(data), hashlib.sha256(data).hexdigest()
-    )
+    return BenchmarkTable(str(uri), file, frame, len(data), hashlib.sha256(data).hexdigest())
 
 
 def _standard_columns(frame: pd.DataFrame, mapping: dict[str, str], uri: str) -> pd.DataFrame:

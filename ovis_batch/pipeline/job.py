@@ -1,9 +1,10 @@
 """Planning, running and summarising the caption job on Ray Data.
 
-`plan_caption_job` does every check that can fail before any work starts (manifest files and columns,
-unique ids, the model checkpoint, a writable output folder, an existing output made by another model or
-other settings); `run_caption_job` builds the Ray Data graph (read -> decode on CPU tasks -> one model
-per actor -> atomic shards) and streams the per-shard statistics; `finish_caption_job` checks that every
+`check_caption_inputs` checks what needs neither the output nor Ray (manifest files and columns, unique
+ids, the model checkpoint, the settings against its tokenizer and context); `plan_caption_job` then the
+output folder (writable, not made by another model or other settings) and what is committed already;
+`run_caption_job` builds the Ray Data graph (read -> decode on CPU tasks -> one model per actor -> atomic
+shards) and streams the per-shard statistics; `finish_caption_job` checks that every
 manifest id is committed exactly once, repairs duplicates a retry may have left, and writes `_run.json`.
 """
 
@@ -66,18 +67,29 @@ class CaptionPlan:
     remaining: int = 0  # rows of this job not yet committed
 
 
-def plan_caption_job(
+@dataclass(frozen=True)
+class CaptionInputs:
+    """The job's inputs, checked: the manifest and its ids, the model, the settings against the model."""
+
+    manifest: Manifest
+    keep: IdSet | None  # `--limit`: the ids to process
+    total_rows: int  # rows this job covers (manifest, or the limit)
+    model_source: str  # absolute for a local folder: workers resolve paths in their own working directory
+    model: dict[str, Any]  # identity of the weights (name, revision, weights_sha256, model_type, hidden size)
+    limits: GenerationLimits  # the settings' token counts on this checkpoint
+
+
+def check_caption_inputs(
     manifest_uri: str,
-    output_uri: str,
     model_source: str,
     config: CaptionConfig,
     *,
     limit: int | None = None,
-    overwrite: bool = False,
     address: str | None = None,
-) -> CaptionPlan:
-    """Everything that can be checked before work starts; raises ManifestError / OutputError / CheckpointError
-    / EngineError. `address` is the cluster the job will run on (None: this machine)."""
+) -> CaptionInputs:
+    """Every check that needs neither the output folder nor Ray: the manifest (files, columns, unique ids),
+    the model, the generation settings against the model's tokenizer and context, the engine. Raises
+    ManifestError / CheckpointError / GenerationSettingsError / EngineError; writes nothing."""
     required = [config.id_column, config.image_column, *config.passthrough_columns]
     if config.prompt_column:
         required.append(config.prompt_column)
@@ -87,7 +99,6 @@ def plan_caption_job(
     keep, scanned = scan_ids(manifest, config.id_column, limit)
     model = model_identity(model_source)
     if Path(model_source).expanduser().is_dir():
-        # Workers resolve the path in their own working directory (on a cluster, another machine's).
         model_source = str(Path(model_source).expanduser().resolve())
     limits = check_generation_settings(
         Path(model["folder"]),
@@ -100,6 +111,27 @@ def plan_caption_job(
     )
     if config.engine == "vllm":
         check_engine_here(model, local=address is None)
+    return CaptionInputs(manifest, keep, scanned, str(model_source), model, limits)
+
+
+def plan_caption_job(
+    manifest_uri: str,
+    output_uri: str,
+    model_source: str,
+    config: CaptionConfig,
+    *,
+    limit: int | None = None,
+    overwrite: bool = False,
+    address: str | None = None,
+    inputs: CaptionInputs | None = None,
+) -> CaptionPlan:
+    """Everything that can be checked before work starts; raises ManifestError / OutputError / CheckpointError
+    / EngineError. `address` is the cluster the job will run on (None: this machine). `inputs`: what
+    `check_caption_inputs` found already (else it is called here)."""
+    if inputs is None:
+        inputs = check_caption_inputs(manifest_uri, model_source, config, limit=limit, address=address)
+    manifest, keep, scanned, model = inputs.manifest, inputs.keep, inputs.total_rows, inputs.model
+    model_source, limits = inputs.model_source, inputs.limits
     output = OutputFolder.open(output_uri)
     output.prepare()
     if overwrite:

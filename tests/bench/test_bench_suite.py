@@ -18,6 +18,7 @@ from ovis_batch.bench.settings import BenchConfig
 from ovis_batch.checkpoints.trend import RunCheckpoint, checkpoint_scores
 from ovis_batch.config import load_config
 from ovis_batch.pipeline.output import OutputError
+from ovis_batch.storage import location
 from workflows.bench import bench_run
 
 POPE = [
@@ -151,7 +152,7 @@ def test_a_suite_report_is_a_checkpoint_evaluation_for_the_trend(suite, tmp_path
     scripted(suite, evaluation, {"POPE": ["Yes", "No", "Yes", "Yes"], "MME": ["Yes", "No", "No", "No"]})
     bench_run(suite, str(tiny_checkpoint), evaluation, quiet=True)
     layout = SimpleNamespace(path=tmp_path / "run" / "checkpoint-7", trainer_state=None)
-    checkpoint = RunCheckpoint(7, layout, "stamp", tmp_path / "checkpoint-7")
+    checkpoint = RunCheckpoint(7, layout, "stamp", location(tmp_path / "checkpoint-7"))
     row = checkpoint_scores(checkpoint, tmp_path)
     # POPE: 3 of 4 right; MME code_reasoning: one of its two questions right (acc 50), not both (acc+ 0)
     assert row.metrics["POPE accuracy"] == 0.75 and row.metrics["MME cognition"] == 50.0

@@ -25,10 +25,11 @@ if FAULT:
         real_write_shard = output.write_shard
 
         def write_shard(folder, table, id_column, metadata):
-            if len(glob.glob(os.path.join(folder.path, "part-*.parquet"))) >= int(argument):
+            local = folder.uri  # the tests' output folders are local: an absolute path
+            if len(glob.glob(os.path.join(local, "part-*.parquet"))) >= int(argument):
                 code = errno.ENOSPC if kind == "enospc" else errno.EACCES
                 error = PermissionError if kind == "eacces" else OSError
-                raise error(code, os.strerror(code), os.path.join(folder.path, "_tmp", "part-x.parquet"))
+                raise error(code, os.strerror(code), os.path.join(local, "_tmp", "part-x.parquet"))
             return real_write_shard(folder, table, id_column, metadata)
 
         output.write_shard = write_shard
