@@ -53,7 +53,7 @@ def bench_decode(manifest: Path, settings) -> dict:
         prompt=settings.prompt,
         prompt_column=None,
         passthrough=[],
-        manifest_scheme="",
+        manifest=None,
         input_kind="patches",
         min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels,

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ovis_batch.commands import (
+    bench,
     caption,
     checkpoint,
     demo,
@@ -25,6 +26,7 @@ from ovis_batch.commands import (
 
 # Each module adds one subcommand. Keep the list sorted by command name: it is the order of `--help`.
 COMMANDS = [
+    bench,
     caption,
     checkpoint,
     demo,
@@ -51,18 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` (default: the process's), run the subcommand, return its exit status."""
+    """Parse `argv` (default: the process's), run the subcommand, return its exit status.
+
+    Errors the user can fix and faults that stop a run print one line (`error: ...`) instead of a
+    traceback; a fault's traceback is in the file its line names (printed too with `--verbose`).
+    """
     args = build_parser().parse_args(argv)
-    from ovis_batch.errors import UsageError
+    from ovis_batch.errors import EXIT_INTERRUPTED, EXIT_USAGE, JobFault, UsageError
 
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:  # the message says what was wrong and what to do: no traceback
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: the command stops; no traceback for what was asked for
-        print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_USAGE
+    except JobFault as exc:
+        if getattr(args, "verbose", False) and exc.traceback_file:
+            with open(exc.traceback_file, encoding="utf-8") as fh:
+                sys.stderr.write(fh.read())
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # before or after a job's own handling (which says how far it got)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

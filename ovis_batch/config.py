@@ -8,7 +8,6 @@ never the whole config. The YAML files in `configs/` are data: `tests/test_confi
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ovis_batch.errors import UsageError
 from ovis_batch.model.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from ovis_batch.storage import location
 
 DEFAULT_PIXEL_CEILING = 200_000_000
 
@@ -107,6 +107,29 @@ class CaptionConfig(_Strict):
         16384, ge=1, description="Visual-token budget of one model batch; a single larger image runs alone."
     )
     rows_per_shard: int = Field(256, ge=1, description="Rows per output Parquet shard.")
+    resource_wait_s: float = Field(
+        300,
+        gt=0,
+        description="Longest wait for the cluster to hold every actor the job needs (other jobs may hold "
+        "resources, nodes may still be joining) before the job is refused.",
+    )
+    stall_report_s: float = Field(
+        600,
+        gt=0,
+        description="With no row committed for this long, say what Ray is waiting for (again every as long).",
+    )
+    stall_timeout_s: float | None = Field(
+        3600,
+        gt=0,
+        description="With no row committed for this long, stop the job (committed rows are kept; a rerun "
+        "resumes). null: never. Leave room for the model to load and one shard to be captioned.",
+    )
+    lease_timeout_s: float = Field(
+        120,
+        ge=1,
+        description="One job per output folder: the running job renews its lease every third of this; "
+        "after a crash the next job may start this many seconds after the last renewal.",
+    )
 
     # ---- generation engine
     engine: Literal["hf", "vllm"] = Field(
@@ -156,10 +179,12 @@ class CaptionConfig(_Strict):
             raise ValueError(
                 "thinking_budget is set but thinking is false; set thinking: true or drop the budget"
             )
-        if self.thinking_budget is not None and self.max_new_tokens <= self.thinking_budget + 25:
+        # The room the forced end of thinking needs depends on the tokenizer: the job's pre-flight counts
+        # it with the checkpoint's own (ovis_batch.model.limits); here only what no tokenizer can fix.
+        if self.thinking_budget is not None and self.max_new_tokens <= self.thinking_budget:
             raise ValueError(
-                f"max_new_tokens ({self.max_new_tokens}) leaves no room for an answer after thinking_budget "
-                f"({self.thinking_budget}) and the ~25-token forced ending; raise max_new_tokens"
+                f"max_new_tokens ({self.max_new_tokens}) must exceed thinking_budget ({self.thinking_budget}), "
+                "with room for the forced end of thinking and an answer; raise max_new_tokens"
             )
         reserved = {"status", "error_type", "error_message", "caption", "reasoning", "embedding"}
         clash = reserved & set(self.passthrough_columns)
@@ -180,6 +205,11 @@ class CaptionConfig(_Strict):
                 raise ValueError(
                     "engine vllm on GPU replicas needs one whole GPU each: set gpus_per_replica: 1"
                 )
+        if self.stall_timeout_s is not None and self.stall_timeout_s < self.stall_report_s:
+            raise ValueError(
+                f"stall_timeout_s ({self.stall_timeout_s:g}) is shorter than stall_report_s "
+                f"({self.stall_report_s:g}): the job would stop before saying why"
+            )
         if self.id_column in self.passthrough_columns:
             raise ValueError(f"passthrough_columns must not repeat the id column {self.id_column!r}")
         return self
@@ -244,7 +274,7 @@ def load_config(cls: type[_Strict], path: str | os.PathLike | None = None, overr
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(location(path).read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist") from exc
         except yaml.YAMLError as exc:
@@ -261,8 +291,12 @@ def load_config(cls: type[_Strict], path: str | os.PathLike | None = None, overr
     try:
         return cls(**data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid settings in {source}: {problems}") from None
+        raise ConfigError(f"invalid settings in {source}: {validation_problems(exc)}") from None
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """Each problem of a failed validation as `key: what is wrong`, joined by "; "."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg'].removeprefix('Value error, ')}"
+        for err in exc.errors()
+    )

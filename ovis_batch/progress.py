@@ -93,6 +93,17 @@ class ProgressLine:
         else:
             self._line_if_due()
 
+    def note(self, text: str) -> None:
+        """A line of its own (a warning about the run) between progress lines; a terminal line is
+        cleared first and redrawn after it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._stream.write(f"\r\x1b[K{text}\n" if self._live else f"{text}\n")
+            if self._live:
+                self._draw()
+            self._stream.flush()
+
     def close(self) -> None:
         """The final figures: the terminal line is finished with a newline, a log gets its last line."""
         with self._lock:

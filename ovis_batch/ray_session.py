@@ -23,9 +23,17 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import re
+import socket
 import sys
+import tempfile
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
+
+from ovis_batch.errors import UsageError
 
 DRIVER_LOG = "ovis-batch-driver.log"
 DRIVER_STDERR = "ovis-batch-driver-stderr.log"
@@ -54,20 +62,28 @@ def ray_session(
         return
     # Locally, logical CPUs may exceed the cores: decode workers and the model replica share them.
     local_cpus = max(os.cpu_count() or 1, int(num_cpus or 0) + 1) if address is None else None
+    if address is not None:
+        check_cluster_reachable(address)
     with contextlib.ExitStack() as stack:
         buffered = None if verbose else stack.enter_context(_ray_records_off_the_console())
-        ray.init(
-            address=address,
-            num_cpus=local_cpus,
-            include_dashboard=False,
-            logging_level="WARNING",
-            log_to_driver=verbose,  # worker output stays in the worker-*.out|err files
-        )
+        try:
+            ray.init(
+                address=address,
+                num_cpus=local_cpus,
+                include_dashboard=False,
+                logging_level="WARNING",
+                log_to_driver=verbose,  # worker output stays in the worker-*.out|err files
+            )
+        except ConnectionError as exc:
+            raise ClusterConnectionError(_connection_failure(address, exc)) from exc
         try:
             folder = ray_log_folder()
             if buffered is not None and folder is not None:
                 buffered.write_to(Path(folder) / DRIVER_LOG)
                 stack.enter_context(_stderr_fd_to(Path(folder) / DRIVER_STDERR))
+                # Python warnings, and what Ray's own threads print (error messages relayed from the
+                # cluster: "(raylet) ..." lines, task retries, node deaths), go to the driver's log.
+                stack.enter_context(_other_output_to(Path(folder) / DRIVER_LOG))
             context = ray.data.DataContext.get_current()
             progress_bars = context.enable_progress_bars
             context.enable_progress_bars = verbose and progress_bars  # RAY_DATA_DISABLE_PROGRESS_BARS holds
@@ -81,6 +97,39 @@ def ray_session(
             hint = "" if verbose else " (shown here with --verbose)"
             print(f"Ray logs: {folder}{hint}", file=sys.stderr, flush=True)
         yield folder
+
+
+class ClusterConnectionError(UsageError, ConnectionError):
+    """No Ray cluster could be joined at the given address; the message says why and what to do."""
+
+
+def check_cluster_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a `host:port` or `ray://host:port` address
+    (Ray itself retries a dead address for several minutes). `auto` and other forms are left to Ray."""
+    found = re.fullmatch(r"(?:ray://)?\[?([^\]\s/]+?)\]?:(\d+)", address.strip())
+    if not found:
+        return
+    host, port = found[1], int(found[2])
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ClusterConnectionError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one there "
+            "(`ray start --head`), or pass the head node's address (host:6379, or ray://host:10001 for Ray "
+            "Client), or leave --address out to run on this machine"
+        ) from exc
+
+
+def _connection_failure(address: str | None, exc: ConnectionError) -> str:
+    message = f"could not join the Ray cluster at {address} ({exc})"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        message += (
+            ". A cluster started with `ray start` uses token authentication (the default since Ray 2.60): "
+            "set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN or the "
+            "file RAY_AUTH_TOKEN_PATH names"
+        )
+    return message + f"; Ray's own messages are in {os.path.join(tempfile.gettempdir(), 'ray')}"
 
 
 def ray_log_folder() -> str | None:
@@ -136,6 +185,49 @@ def _ray_records_off_the_console() -> Iterator[_BufferedRecords]:
         records.close()
         for handler, level in quieted:
             handler.setLevel(level)
+
+
+OWN_THREADS = ("progress-line", "stall-watchdog")  # the job's threads that write to the console
+
+
+class _OwnThreadsOnly:
+    """A text stream that passes on what the main thread and the job's own threads write, and sends what
+    any other thread writes (Ray's relay of cluster messages) to a log file."""
+
+    def __init__(self, stream: TextIO, log: TextIO) -> None:
+        self._stream, self._log = stream, log
+
+    def _target(self) -> TextIO:
+        thread = threading.current_thread()
+        own = thread is threading.main_thread() or thread.name in OWN_THREADS
+        return self._stream if own else self._log
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._log.flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding...: the console's
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _other_output_to(path: Path) -> Iterator[None]:
+    """Python warnings and other threads' output on sys.stdout/sys.stderr go to `path` (see above)."""
+    with open(path, "a", encoding="utf-8", buffering=1) as log:
+        saved = sys.stdout, sys.stderr, warnings.showwarning
+
+        def to_log(message, category, filename, lineno, file=None, line=None) -> None:
+            log.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+        sys.stdout, sys.stderr = _OwnThreadsOnly(sys.stdout, log), _OwnThreadsOnly(sys.stderr, log)
+        warnings.showwarning = to_log
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr, warnings.showwarning = saved
 
 
 @contextlib.contextmanager

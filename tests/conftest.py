@@ -96,3 +96,25 @@ def photos() -> dict[str, np.ndarray]:
     from skimage import data
 
     return {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee()}
+
+
+def _kill_process_tree(job) -> None:
+    """SIGKILL a command started with `start_new_session=True` and every process it started (Ray's GCS,
+    raylet, workers) at once: a lost machine."""
+    import contextlib
+    import signal
+
+    import psutil  # a dependency of Ray
+
+    processes = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+    job.wait()
+
+
+@pytest.fixture
+def kill_process_tree():
+    """The function that kills a running job and everything it started, as a lost machine would."""
+    return _kill_process_tree

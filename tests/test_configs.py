@@ -24,6 +24,10 @@ def settings_class(path: Path):
         from ovis_batch.train.settings import FinetuneConfig
 
         return FinetuneConfig
+    if command == "bench":
+        from ovis_batch.bench.settings import BenchConfig
+
+        return BenchConfig
     if command == "evaluate":
         pytest.skip(f"{path.name}: validated by its own command's tests")
     raise AssertionError(f"{path.name}: no settings class is known for it; add it to settings_class()")
@@ -67,11 +71,19 @@ def test_impossible_values_are_named(override, message):
         load_config(CaptionConfig, None, [override])
 
 
-def test_thinking_budget_must_leave_room_for_an_answer():
-    with pytest.raises(ConfigError, match="leaves no room for an answer"):
-        load_config(CaptionConfig, None, ["thinking=true", "thinking_budget=100", "max_new_tokens=110"])
-    ok = load_config(CaptionConfig, None, ["thinking=true", "thinking_budget=100", "max_new_tokens=200"])
+def test_max_new_tokens_must_exceed_the_thinking_budget():
+    with pytest.raises(ConfigError, match=r"max_new_tokens \(100\) must exceed thinking_budget \(100\)"):
+        load_config(CaptionConfig, None, ["thinking=true", "thinking_budget=100", "max_new_tokens=100"])
+    # The room the forced end of thinking needs is the checkpoint tokenizer's to say: the job's pre-flight
+    # checks it (tests/pipeline/test_preflight.py), the settings alone cannot.
+    ok = load_config(CaptionConfig, None, ["thinking=true", "thinking_budget=100", "max_new_tokens=101"])
     assert ok.thinking_budget == 100
+
+
+def test_a_stall_timeout_shorter_than_the_report_is_refused():
+    with pytest.raises(ConfigError, match=r"stall_timeout_s \(60\) is shorter than stall_report_s \(600\)"):
+        load_config(CaptionConfig, None, ["stall_timeout_s=60"])
+    assert load_config(CaptionConfig, None, ["stall_timeout_s=null"]).stall_timeout_s is None
 
 
 def test_overrides_parse_as_yaml_values(tmp_path):
@@ -85,3 +97,24 @@ def test_overrides_parse_as_yaml_values(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(CaptionConfig, missing)
+
+
+def test_bench_suite_refuses_what_the_caption_job_would_and_what_bench_sets(tmp_path):
+    from ovis_batch.bench.settings import BenchConfig
+
+    suite = load_config(BenchConfig, CONFIGS / "bench.yaml")
+    thinking = {b.name: b.settings.get("thinking", False) for b in suite.benchmarks}
+    assert thinking["MMBench_DEV_EN"] and thinking["HallusionBench"] and not thinking["POPE"]
+    cases = {
+        "benchmarks:\n  - {name: X, file: x.tsv, scorng: pope}\n": r"benchmarks\.0\.scorng: Extra inputs",
+        "benchmarks:\n  - {name: X, file: x.tsv, settings: {thinking_budget: 9}}\n": r"benchmark 'X'.*thinking_budget is set",
+        "settings: {prompt_column: q}\nbenchmarks:\n  - {name: X, file: x.tsv}\n": r"\['prompt_column'\] are set by bench",
+        "benchmarks:\n  - {name: X, file: a.tsv}\n  - {name: X, file: b.tsv}\n": r"names must be unique; repeated: \['X'\]",
+        "benchmarks:\n  - {name: 'a b', file: a.tsv}\n": r"benchmarks\.0\.name: 'a b': use letters",
+        "benchmarks: []\n": r"benchmarks: List should have at least 1 item",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "bench.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(BenchConfig, bad)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -46,12 +45,17 @@ from ovis_batch.index.kinds import remove_ids
 from ovis_batch.index.reader import RowSample, open_embedding_input
 from ovis_batch.index.search import RetrievalIndex, SearchHit, load_query_image, model_query_embedder
 from ovis_batch.index.settings import IndexSettings
+from ovis_batch.storage import location
 
 log = logging.getLogger(__name__)
 
 
 def build_index(
-    embeddings: str | os.PathLike, index_dir: str | Path, settings: IndexSettings, *, overwrite: bool = False
+    embeddings: str | os.PathLike,
+    index_dir: str | os.PathLike,
+    settings: IndexSettings,
+    *,
+    overwrite: bool = False,
 ) -> IndexManifest:
     """Build a new index at `index_dir` from the embedding Parquet at `embeddings`."""
     started = time.perf_counter()
@@ -100,7 +104,7 @@ def build_index(
 
 
 def add_to_index(
-    embeddings: str | os.PathLike, index_dir: str | Path, settings: IndexSettings
+    embeddings: str | os.PathLike, index_dir: str | os.PathLike, settings: IndexSettings
 ) -> IndexManifest:
     """Add (or replace, by id) the embeddings at `embeddings` in the existing index at `index_dir`."""
     started = time.perf_counter()
@@ -124,7 +128,7 @@ def add_to_index(
             ray_address=settings.ray_address,
         )
         require_vectors(added.counts, source.location)
-        previous = IdMap(Path(index_dir) / ID_MAP_FILE)
+        previous = IdMap(location(index_dir).join(ID_MAP_FILE))
         superseded, replaced = duplicate_faiss_ids(added.keys, previous)
         removed = np.concatenate([superseded, replaced])
         index = remove_ids(index, current.kind, removed)
@@ -149,7 +153,7 @@ def add_to_index(
 
 
 def search_index(
-    index_dir: str | Path,
+    index_dir: str | os.PathLike,
     *,
     text: str | None = None,
     image: str | os.PathLike | None = None,

@@ -17,6 +17,7 @@ from typing import Any
 
 from ovis_batch.model.tiny import make_tiny_model
 from ovis_batch.progress import DEFAULT_INTERVAL_S
+from ovis_batch.storage import local_path
 from workflows.caption import run_caption
 
 
@@ -25,9 +26,10 @@ def run_demo(
     *,
     verbose: bool = False,
     progress_interval_s: float = DEFAULT_INTERVAL_S,
+    wait_for_lease: bool = False,
 ) -> dict[str, Any]:
     """Run the demo in `workdir`; returns the caption job's summary."""
-    root = Path(workdir).resolve()
+    root = Path(local_path(workdir, "demo folder", "the demo writes a model checkpoint, a local folder"))
     model = root / "tiny-ovis2.5-random"
     if not (model / "config.json").is_file():
         make_tiny_model(model)
@@ -44,6 +46,7 @@ def run_demo(
         ],
         verbose=verbose,
         progress_interval_s=progress_interval_s,
+        wait_for_lease=wait_for_lease,
     )
     _show(root / "captions")
     return summary

@@ -17,7 +17,7 @@ from typing import Any
 from ovis_batch.eval.data import load_predictions, load_references, match_ids, require_unique_ids
 from ovis_batch.eval.health import run_health
 from ovis_batch.eval.options import EvaluateOptions
-from ovis_batch.eval.report import build_metrics, load_previous, write_report
+from ovis_batch.eval.report import build_metrics, check_report_folder, load_previous, write_report
 from ovis_batch.eval.tasks import (
     resolve_task,
     score_captions_task,
@@ -38,6 +38,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         options.predictions, options.id_column, with_embeddings=task == "retrieval"
     )
     previous = load_previous(options.compare) if options.compare else None  # fail early on a bad path
+    check_report_folder(options.report_dir)  # an unwritable report folder is refused before scoring
 
     # 2. Both sides must cover the same ids, unless the user accepts scoring the overlap.
     match = match_ids(

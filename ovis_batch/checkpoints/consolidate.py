@@ -43,6 +43,7 @@ from ovis_batch.checkpoints.layout import (
     WeightsPrecision,
     checkpoint_stamp,
     describe_checkpoint,
+    local_folder,
     weights_precision,
 )
 from ovis_batch.checkpoints.zero import zero_16bit_weights, zero_fp32_weights
@@ -56,6 +57,7 @@ from ovis_batch.model.layouts import (
     write_native_inference_files,
 )
 from ovis_batch.model.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from ovis_batch.storage import local_path
 
 DTYPES = PRECISIONS
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -117,7 +119,8 @@ def consolidate_checkpoint(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if output_layout not in LAYOUTS:
         raise ValueError(f"output_layout must be one of {', '.join(LAYOUTS)}, got {output_layout!r}")
-    source, destination = Path(source), Path(destination)
+    source = local_folder(source, "checkpoint")
+    destination = Path(local_path(destination, "destination", "checkpoints are written as local folders"))
     if destination.exists() and not overwrite and (not destination.is_dir() or any(destination.iterdir())):
         raise FileExistsError(
             f"{destination} exists and is not empty; choose another folder or pass overwrite"

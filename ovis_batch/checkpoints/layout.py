@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from ovis_batch.checkpoints.zero import (
     zero_parameter_shapes,
 )
 from ovis_batch.model.checkpoint import CheckpointError, check_safetensors, read_config, weight_files
+from ovis_batch.storage import local_path
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
@@ -169,13 +171,18 @@ class CheckpointLayout:
         return "Trainer checkpoint" if self.is_trainer else "released model"
 
 
-def describe_checkpoint(path: Path, *, read_state: bool = True) -> CheckpointLayout:
+def local_folder(path: str | os.PathLike, what: str) -> Path:
+    """A checkpoint or training-run folder: on a local disk or a shared mount; a URI is refused by name."""
+    return Path(local_path(path, what, "checkpoint folders are read from a local disk"))
+
+
+def describe_checkpoint(path: str | os.PathLike, *, read_state: bool = True) -> CheckpointLayout:
     """Sort a checkpoint directory's parts and decide where its weights come from (errors name the file).
 
     `read_state=False` skips `trainer_state.json`, which inference does not need (a damaged one then
     does not stop a load).
     """
-    path = Path(path)
+    path = local_folder(path, "checkpoint")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass a checkpoint folder")
     if not (path / "config.json").is_file():
@@ -377,8 +384,9 @@ def _safetensors_shapes(files: list[Path]) -> tuple[dict[str, list[int]], list[s
 
 def training_run_checkpoints(run: Path) -> list[tuple[int, Path]]:
     """The `checkpoint-N` folders of a Trainer output directory, as (N, folder) sorted by N."""
+    run = local_folder(run, "training run")
     found = []
-    for p in Path(run).iterdir() if Path(run).is_dir() else []:
+    for p in run.iterdir() if run.is_dir() else []:
         match = CHECKPOINT_FOLDER.match(p.name)
         if match and p.is_dir():
             found.append((int(match.group(1)), p))

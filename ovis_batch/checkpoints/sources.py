@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ovis_batch.checkpoints.consolidate import resolve_model_dir
+from ovis_batch.storage import is_uri, local_path
 
 
 def resolve_model_source(source: str | os.PathLike) -> str | Path:
     """A folder the model runtime reads for a local source (see the module docstring); others as given."""
+    if is_uri(source):
+        source = local_path(source, "model source", "checkpoints are read from local folders or hub ids")
     path = Path(source).expanduser()
     if path.is_dir():
         return resolve_model_dir(path)

@@ -10,7 +10,8 @@ The report folder of `ovis-batch eval-checkpoints`:
         predictions/                       the batch job's output (resumable)
         eval/                              the evaluation report (its metrics.json marks it complete)
 
-A checkpoint is "already scored" when its `eval/metrics.json` exists and `checkpoint.json` still
+REPORT is a local folder or a URI (s3://, gs://, ...): everything under it goes through
+`ovis_batch.storage`. A checkpoint is "already scored" when its `eval/metrics.json` exists and `checkpoint.json` still
 matches the checkpoint's files; a checkpoint rewritten since (a restarted run) is scored afresh.
 
 What does not live here: running the batch job or the evaluation (`workflows/eval_checkpoints.py`
@@ -24,8 +25,8 @@ import io
 import json
 import math
 import os
+import posixpath
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,11 @@ from ovis_batch.checkpoints.layout import (
     CheckpointLayout,
     checkpoint_stamp,
     describe_checkpoint,
+    local_folder,
     training_run_checkpoints,
 )
 from ovis_batch.model.checkpoint import CheckpointError
+from ovis_batch.storage import Location, location
 
 TREND_FORMAT = "ovis-batch-trend/1"
 STAMP_FILE = "checkpoint.json"
@@ -52,42 +55,42 @@ class RunCheckpoint:
     step: int
     layout: CheckpointLayout
     stamp: str
-    folder: Path  # REPORT/checkpoints/checkpoint-N
+    folder: Location  # REPORT/checkpoints/checkpoint-N
 
     @property
     def path(self) -> Path:
         return self.layout.path
 
     @property
-    def predictions(self) -> Path:
-        return self.folder / "predictions"
+    def predictions(self) -> Location:
+        return self.folder.join("predictions")
 
     @property
-    def eval_dir(self) -> Path:
-        return self.folder / "eval"
+    def eval_dir(self) -> Location:
+        return self.folder.join("eval")
 
     def is_scored(self) -> bool:
         """Evaluated completely, and of these very checkpoint files."""
-        return (self.eval_dir / EVAL_METRICS).is_file() and self._recorded_stamp() == self.stamp
+        return self.eval_dir.join(EVAL_METRICS).is_file() and self._recorded_stamp() == self.stamp
 
     def prepare(self) -> None:
         """Make the folder ready: results of an older version of this checkpoint are removed first."""
-        if self.folder.exists() and self._recorded_stamp() != self.stamp:
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if self._recorded_stamp() != self.stamp:
+            self.folder.delete_tree()
         record = {"checkpoint": str(self.path.resolve()), "global_step": self.step, "stamp": self.stamp}
-        _write_text(self.folder / STAMP_FILE, json.dumps(record, indent=2) + "\n")
+        self.folder.join(STAMP_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     def _recorded_stamp(self) -> str | None:
         try:
-            return json.loads((self.folder / STAMP_FILE).read_text()).get("stamp")
+            return json.loads(self.folder.join(STAMP_FILE).read_bytes()).get("stamp")
         except (FileNotFoundError, json.JSONDecodeError, AttributeError):
             return None
 
 
 def find_run_checkpoints(run_dir: str | os.PathLike, report_dir: str | os.PathLike) -> list[RunCheckpoint]:
     """Every `checkpoint-N` of the run, in step order, each checked before any work starts."""
-    run_dir, report_dir = Path(run_dir), Path(report_dir)
+    run_dir = local_folder(run_dir, "training run")
+    report = location(report_dir)
     found = training_run_checkpoints(run_dir)
     if not found:
         raise CheckpointError(
@@ -98,7 +101,7 @@ def find_run_checkpoints(run_dir: str | os.PathLike, report_dir: str | os.PathLi
         layout = describe_checkpoint(path)  # every bad input stops here, naming its file
         if layout.trainer_state is not None and layout.trainer_state.global_step != step:
             layout.notes.append(f"trainer_state.json says global step {layout.trainer_state.global_step}")
-        folder = report_dir / "checkpoints" / path.name
+        folder = report.join("checkpoints", path.name)
         checkpoints.append(RunCheckpoint(step, layout, checkpoint_stamp(layout), folder))
     return checkpoints
 
@@ -116,11 +119,11 @@ class CheckpointScores:
     report: str | None = None  # the evaluation's report.md, relative to the trend report
 
 
-def checkpoint_scores(checkpoint: RunCheckpoint, report_dir: Path) -> CheckpointScores:
+def checkpoint_scores(checkpoint: RunCheckpoint, report_dir: str | os.PathLike) -> CheckpointScores:
     """Read a scored checkpoint's evaluation `metrics.json` into a trend row."""
-    metrics_file = checkpoint.eval_dir / EVAL_METRICS
+    metrics_file = checkpoint.eval_dir.join(EVAL_METRICS)
     try:
-        document = json.loads(metrics_file.read_text())
+        document = json.loads(metrics_file.read_bytes())
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         raise CheckpointError(
             f"{metrics_file} is missing or not valid JSON ({exc}); evaluate it again"
@@ -131,7 +134,7 @@ def checkpoint_scores(checkpoint: RunCheckpoint, report_dir: Path) -> Checkpoint
         checkpoint=checkpoint.path.name,
         epoch=state.epoch if state else None,
         train_loss=state.last_loss if state else None,
-        report=os.path.relpath(checkpoint.eval_dir / "report.md", report_dir),
+        report=posixpath.relpath(checkpoint.eval_dir.join("report.md").path, location(report_dir).path),
     )
     health = (document.get("health") or {}).get("metrics") or {}
     entries = {**document.get("metrics", {}), **{k: health[k] for k in HEALTH_SHOWN if k in health}}
@@ -149,14 +152,13 @@ def write_trend_report(
     loss_curve: tuple[tuple[int, float], ...] = (),
 ) -> dict[str, Any]:
     """trend.csv, trend.md and one PNG per metric (metric and training loss against the step); trend.json last."""
-    report_dir = Path(report_dir)
-    (report_dir / "plots").mkdir(parents=True, exist_ok=True)
+    report = location(report_dir)
     rows = sorted(rows, key=lambda r: r.step)
     names = list(dict.fromkeys(name for row in rows for name in row.metrics))
-    plots = {name: _plot_metric(report_dir / "plots", name, rows, loss_curve) for name in names}
+    plots = {name: _plot_metric(report, name, rows, loss_curve) for name in names}
     best = {name: _best(rows, name) for name in names}
-    _write_text(report_dir / "trend.csv", _csv(rows, names))
-    _write_text(report_dir / "trend.md", _markdown(run_dir, rows, names, best, plots))
+    report.join("trend.csv").write_text(_csv(rows, names))
+    report.join("trend.md").write_text(_markdown(run_dir, rows, names, best, plots))
     document = {
         "format": TREND_FORMAT,
         "run": str(Path(run_dir).resolve()),
@@ -166,7 +168,7 @@ def write_trend_report(
         "loss_curve": [list(point) for point in loss_curve],
         "files": {"table": "trend.md", "csv": "trend.csv", "plots": plots},
     }
-    _write_text(report_dir / "trend.json", json.dumps(document, indent=2, allow_nan=False) + "\n")
+    report.join("trend.json").write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     return document
 
 
@@ -235,7 +237,7 @@ def _markdown(
 
 
 def _plot_metric(
-    folder: Path, name: str, rows: list[CheckpointScores], loss_curve: tuple[tuple[int, float], ...]
+    report: Location, name: str, rows: list[CheckpointScores], loss_curve: tuple[tuple[int, float], ...]
 ) -> str:
     import matplotlib
 
@@ -258,14 +260,8 @@ def _plot_metric(
         twin.set_ylabel("training loss", color="tab:gray")
     fig.tight_layout()
     filename = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() + ".png"
-    temporary = folder / f".{filename}.tmp-{os.getpid()}.png"
-    fig.savefig(temporary, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    os.replace(temporary, folder / filename)
+    report.join("plots", filename).write_bytes(image.getvalue())
     return f"plots/{filename}"
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

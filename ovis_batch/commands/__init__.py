@@ -20,7 +20,7 @@ def _seconds(text: str) -> float:
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--verbose` and `--progress-interval`, for the commands that run a Ray job."""
+    """`--verbose`, `--progress-interval` and `--wait-for-lease`, for the commands that run the caption job."""
     parser.add_argument(
         "--verbose",
         action="store_true",
@@ -32,4 +32,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_INTERVAL_S,
         metavar="SECONDS",
         help=f"when stderr is not a terminal, one progress line every SECONDS (default {DEFAULT_INTERVAL_S:g})",
+    )
+    parser.add_argument(
+        "--wait-for-lease",
+        action="store_true",
+        help="when another job holds the output folder, wait for it instead of stopping at once",
     )

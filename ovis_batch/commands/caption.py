@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ovis_batch.commands import add_output_arguments
 
@@ -30,26 +29,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the job; exit status 1 when some manifest row is not committed, 130 when interrupted."""
+    """Run the job; exit status 1 when some manifest row is not committed."""
     from workflows.caption import run_caption
 
-    try:
-        summary = run_caption(
-            args.manifest,
-            args.output,
-            args.model,
-            config=args.config,
-            overrides=args.overrides,
-            address=args.address,
-            limit=args.limit,
-            overwrite=args.overwrite,
-            verbose=args.verbose,
-            progress_interval_s=args.progress_interval,
-        )
-    except KeyboardInterrupt:
-        print(
-            f"interrupted: the rows committed to {args.output} stay; rerun the same command to resume",
-            file=sys.stderr,
-        )
-        return 130
+    summary = run_caption(
+        args.manifest,
+        args.output,
+        args.model,
+        config=args.config,
+        overrides=args.overrides,
+        address=args.address,
+        limit=args.limit,
+        overwrite=args.overwrite,
+        verbose=args.verbose,
+        progress_interval_s=args.progress_interval,
+        wait_for_lease=args.wait_for_lease,
+    )
     return 0 if summary["complete"] else 1

@@ -85,10 +85,9 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from ovis_batch.checkpoints import describe_checkpoint, format_layout, layout_summary
 
-    layout = describe_checkpoint(Path(args.dir))
+    layout = describe_checkpoint(args.dir)
     print(json.dumps(layout_summary(layout), indent=2) if args.json else format_layout(layout))
     return 0

@@ -21,5 +21,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; exit status 1 when some sample row is not committed."""
     from workflows.demo import run_demo
 
-    summary = run_demo(args.workdir, verbose=args.verbose, progress_interval_s=args.progress_interval)
+    summary = run_demo(
+        args.workdir,
+        verbose=args.verbose,
+        progress_interval_s=args.progress_interval,
+        wait_for_lease=args.wait_for_lease,
+    )
     return 0 if summary["complete"] else 1

@@ -17,8 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--config YAML plus --set key=value overrides (the keys of `caption`).",
     )
     p.add_argument("run_dir", help="the training run (Trainer output_dir holding checkpoint-N folders)")
-    p.add_argument("--manifest", required=True, help="Parquet manifest of the benchmark images")
-    p.add_argument("--references", required=True, help="references Parquet (see `evaluate`)")
+    p.add_argument("--manifest", help="Parquet manifest of the benchmark images (with --references)")
+    p.add_argument("--references", help="references Parquet (see `evaluate`)")
+    p.add_argument(
+        "--bench",
+        metavar="SUITE",
+        help="score each checkpoint on a benchmark suite instead (configs/bench.yaml; `bench run`)",
+    )
     p.add_argument("--report", required=True, help="report folder: trend.md, plots/, checkpoints/")
     p.add_argument("--config", help="YAML settings of the batch job (see configs/caption.yaml)")
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: a local Ray")
@@ -47,11 +52,20 @@ def run(args: argparse.Namespace) -> int:
     from ovis_batch.pipeline.output import OutputError
     from workflows.eval_checkpoints import eval_checkpoints
 
+    by_files = args.manifest is not None and args.references is not None
+    mixed = args.bench is not None and (args.manifest or args.references or args.config)
+    if (args.bench is None and not by_files) or mixed:
+        print(
+            "error: give either --manifest and --references (with --config), or --bench SUITE",
+            file=sys.stderr,
+        )
+        return 2
     try:
         eval_checkpoints(
             args.run_dir,
             manifest=args.manifest,
             references=args.references,
+            bench=args.bench,
             report=args.report,
             config=args.config,
             overrides=args.overrides,
@@ -62,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             meteor=not args.no_meteor,
             verbose=args.verbose,
             progress_interval_s=args.progress_interval,
+            wait_for_lease=args.wait_for_lease,
         )
     except (CheckpointError, ConfigError, EvalInputError, ManifestError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,15 +5,24 @@ Model outputs arrive either with the thinking trace already separated (the `reas
 handles the second case, so extraction only ever reads the answer part: a trace that weighs "B or C"
 must not decide the letter.
 
-`extract_choice` reads which option an answer picks, from the forms models actually write ("B",
-"(B)", "B) a red car", "The answer is B.", "**C**", or the option's text); `extract_yes_no` reads yes or
-no. Both return None when the answer does not say, and callers count that as unparseable (and wrong).
+Two sets of extraction rules live here:
+- the project's own, for `ovis-batch evaluate`: `extract_choice` reads which option an answer picks,
+  from the forms models actually write ("B", "(B)", "B) a red car", "The answer is B.", "**C**", or the
+  option's text); `extract_yes_no` reads yes or no. Both return None when the answer does not say, and
+  callers count that as unparseable (and wrong);
+- VLMEvalKit's, for benchmark scores comparable with the published ones (`ovis-batch bench`):
+  `final_answer_tail` (its Ovis2.5 wrapper keeps what follows "Final answer:"), `infer_choice` (its
+  exact-matching MCQ rules, no LLM judge: refusal phrases, one option letter among the last words,
+  "answer is X", the only option whose text the answer contains) and `yes_no_words` (its yes/no rule:
+  "yes" without "no", or the reverse). These follow its rules exactly, quirks included, and are checked
+  against values produced by its own functions (tests/eval/data/).
 
 `normalize_vqa_answer` and `vqa_accuracy` follow the official VQA evaluation: punctuation handling, number
-words to digits, articles dropped, contractions restored, then accuracy min(1, matches / 3) averaged over
-the leave-one-annotator-out subsets. One deliberate difference: the official script normalises only when
-the annotators disagree (its annotation files are pre-normalised); here both sides are always normalised,
-so references from any source compare fairly.
+words to digits, articles dropped, the official contraction table (with its quirks, see
+`VQA_CONTRACTIONS`), then accuracy min(1, matches / 3) averaged over the leave-one-annotator-out subsets.
+One deliberate difference: the official script normalises only when the annotators disagree (its
+annotation files are pre-normalised); here both sides are always normalised, so references from any
+source compare fairly.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -194,6 +204,100 @@ def extract_yes_no(answer: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# VLMEvalKit's rules (exact matching, no LLM judge)
+# --------------------------------------------------------------------------------------------------
+
+# The closing instruction of VLMEvalKit's Ovis2.5 prompts; when a prompt carries it, the answer scored
+# is what follows the last "Final answer:" (or "the final answer is").
+FINAL_ANSWER_INSTRUCTION = "End your response with 'Final answer: '."
+_FINAL_ANSWER = re.compile(r"the\s+final\s+answer\s+is|final\s+answer\s*:", re.IGNORECASE)
+_FINAL_ANSWER_LEAD = re.compile(r"[:\s]*")
+
+# Which rule of `infer_choice` decided (reported per item, so that a score can be audited).
+RULE_REFUSAL = "refusal"
+RULE_LETTER = "one option letter among the last four words"
+RULE_NONE_OF_THEM = "letter Z (none of the options)"
+RULE_ANSWER_IS = "'answer is X'"
+RULE_OPTION_TEXT = "the only option text contained"
+RULE_NO_MATCH = "no match"
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+_LETTER_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+_ANSWER_IS_LETTER = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([ABCD])\**", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ChoiceReading:
+    """The option an answer picks under VLMEvalKit's rules, and the rule that decided."""
+
+    letter: str | None  # None: unparseable (a refusal, "Z", or nothing matched), scored as wrong
+    rule: str
+
+
+def final_answer_tail(answer: str) -> str:
+    """What follows the last "Final answer:" / "the final answer is" (colons and spaces after it dropped),
+    or the whole answer when it has neither: how VLMEvalKit reads an Ovis2.5 answer to a prompt that
+    ends with `FINAL_ANSWER_INSTRUCTION`."""
+    found = list(_FINAL_ANSWER.finditer(answer))
+    if not found:
+        return answer
+    tail = answer[found[-1].end() :]
+    return tail[_FINAL_ANSWER_LEAD.match(tail).end() :]
+
+
+def infer_choice(answer: str, options: Mapping[str, str]) -> ChoiceReading:
+    """The option letter `answer` picks among `options` (letter -> text, in letter order), by VLMEvalKit's
+    exact-matching rules, tried in order:
+
+    1. a refusal phrase anywhere: unparseable;
+    2. after turning `.()[],:;!*#{}` into spaces, exactly one option letter appears as a word, and its
+       first appearance is among the last four words: that letter ("B", "(B)", "The answer is (B).");
+       no option letter but a word "Z" (the judge's "none of them"): unparseable;
+    3. "answer is X" with X one of A-D in either case ("The correct answer is **b**"), X an option;
+    4. the answer, lower-cased and at most twice as long as all option texts together, contains exactly
+       one option's text (lower-cased): that option.
+    Anything else is unparseable (VLMEvalKit's exact matching then scores the question wrong).
+    """
+    for phrase in _REFUSALS:
+        if phrase in answer:
+            return ChoiceReading(None, RULE_REFUSAL)
+    words = answer.translate(_LETTER_SEPARATORS).split()
+    named = [letter for letter in options if letter in words]
+    if len(named) == 1 and words.index(named[0]) > len(words) - 5:
+        return ChoiceReading(named[0], RULE_LETTER)
+    if not named and "Z" in words:
+        return ChoiceReading(None, RULE_NONE_OF_THEM)
+    stated = _ANSWER_IS_LETTER.search(answer)
+    if stated and stated.group(1).upper() in options:
+        return ChoiceReading(stated.group(1).upper(), RULE_ANSWER_IS)
+    lowered = answer.lower()
+    if len(lowered) <= 2 * sum(len(str(text)) for text in options.values()):
+        contained = [letter for letter, text in options.items() if str(text).lower() in lowered]
+        if len(contained) == 1:
+            return ChoiceReading(contained[0], RULE_OPTION_TEXT)
+    return ChoiceReading(None, RULE_NO_MATCH)
+
+
+def yes_no_words(answer: str) -> str | None:
+    """ "Yes" or "No" by VLMEvalKit's yes/no rule: lower-case, VQA punctuation, then the word "yes" without
+    the word "no" (or the reverse); None when both or neither appear.
+
+    (VLMEvalKit keeps a period right after a digit where the official VQA step removes it; no such period
+    ever makes or unmakes the word "yes" or "no", so the official step serves here.)
+    """
+    words = strip_vqa_punctuation(answer.lower()).split()
+    if "yes" in words and "no" not in words:
+        return "Yes"
+    if "no" in words and "yes" not in words:
+        return "No"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # VQA normalisation and accuracy
 # --------------------------------------------------------------------------------------------------
 
@@ -229,46 +333,44 @@ _NUMBER_WORDS = {
 _ARTICLES = frozenset(["a", "an", "the"])
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+|short\s+)?answer\s*(?:is|:)\s*", re.IGNORECASE)
 
-# Contractions as the VQA annotations spell them. Annotators (and models) often drop the apostrophes;
-# every apostrophe-less variant maps back, except variants that are words themselves ("its", "well").
-_CONTRACTIONS_TEXT = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
-    "he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll let's ma'am mightn't "
-    "mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've "
-    "she's should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd "
-    "someone'd've someone'll someone's something'd something'd've something'll that's there'd "
-    "there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've "
-    "weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who're "
-    "who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've "
-    "you'd you'd've you'll you're you've"
-)
-_CONTRACTIONS = tuple(_CONTRACTIONS_TEXT.split())
-_NOT_CONTRACTIONS = frozenset(["its", "well", "were", "wed", "hell", "shell", "ill", "id", "lets", "shed"])
+# The official VQA evaluation's contraction table, entry for entry: a word spelled as a key becomes its value.
+# Two quirks are kept on purpose, because scores must equal the official ones:
+# - the official code lower-cases the answer before this case-sensitive lookup, so the keys with capitals
+#   ("Im", "Ive", "Id've", "I'dve") never match: "im", "ive" and "id've" stay as they are;
+# - "somebody'd" maps to "somebodyd" (the apostrophe is removed, the other way round from every other entry).
+# Apostrophe-less words missing from the table ("shes", "lets", "couldntve") stay as they are too.
+_CONTRACTIONS_TABLE = """
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've
+couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've
+hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd
+howll=how'll hows=how's Id've=I'd've I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've
+it'dve=it'd've itll=it'll let's=let's maam=ma'am mightnt=mightn't mightnt've=mightn't've
+mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've neednt=needn't notve=not've
+oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at shant=shan't
+shed've=she'd've she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't
+shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've
+somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's someoned=someone'd
+someoned've=someone'd've someone'dve=someone'd've someonell=someone'll someones=someone's
+somethingd=something'd somethingd've=something'd've something'dve=something'd've somethingll=something'll
+thats=that's thered=there'd thered've=there'd've there'dve=there'd've therere=there're theres=there's
+theyd=they'd theyd've=they'd've they'dve=they'd've theyll=they'll theyre=they're theyve=they've
+twas='twas wasnt=wasn't wed've=we'd've we'dve=we'd've weve=we've werent=weren't whatll=what'll
+whatre=what're whats=what's whatve=what've whens=when's whered=where'd wheres=where's whereve=where've
+whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll whos=who's whove=who've whyll=why'll
+whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've
+wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've
+y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've youll=you'll
+youre=you're youve=you've
+"""
+VQA_CONTRACTIONS: dict[str, str] = dict(entry.split("=", 1) for entry in _CONTRACTIONS_TABLE.split())
+# The official code passes re.UNICODE (32) where `sub` takes its count: at most 32 periods are removed.
+_PERIOD_STRIP_COUNT = 32
 
 
-def _contraction_map() -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for canonical in _CONTRACTIONS:
-        apostrophes = [i for i, ch in enumerate(canonical) if ch == "'"]
-        for mask in range(1, 1 << len(apostrophes)):
-            dropped = {apostrophes[b] for b in range(len(apostrophes)) if mask >> b & 1}
-            variant = "".join(ch for i, ch in enumerate(canonical) if i not in dropped)
-            if variant not in _NOT_CONTRACTIONS:
-                mapping.setdefault(variant, canonical)
-    return mapping
-
-
-_CONTRACTION_MAP = _contraction_map()
-
-
-def normalize_vqa_answer(answer: str) -> str:
-    """The official VQA answer normalisation, applied to a prediction or a reference answer.
-
-    Lower-case; each punctuation mark is deleted when it touches a space anywhere in the answer (or the
-    answer has a digit,digit group), else replaced by a space; periods not followed by a digit go;
-    number words become digits; articles go; apostrophe-less contractions get their apostrophes back.
-    """
-    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
+def strip_vqa_punctuation(text: str) -> str:
+    """The official VQA punctuation step: each mark is deleted when it touches a space anywhere in the text
+    (or the text has a digit,digit group), else replaced by a space; then periods not followed by a digit
+    go (the first 32 of them, as in the official code)."""
     has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for mark in _VQA_PUNCTUATION:
@@ -276,9 +378,19 @@ def normalize_vqa_answer(answer: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    out = _PERIOD_NOT_IN_NUMBER.sub("", out)
-    words = [_NUMBER_WORDS.get(w, w) for w in out.split()]
-    words = [_CONTRACTION_MAP.get(w, w) for w in words if w not in _ARTICLES]
+    return _PERIOD_NOT_IN_NUMBER.sub("", out, count=_PERIOD_STRIP_COUNT)
+
+
+def normalize_vqa_answer(answer: str) -> str:
+    """The official VQA answer normalisation, applied to a prediction or a reference answer.
+
+    Newlines and tabs become spaces; punctuation as `strip_vqa_punctuation`; then lower-case, number words
+    become digits, articles go, and words in the official contraction table are replaced (see
+    `VQA_CONTRACTIONS` for its quirks).
+    """
+    text = strip_vqa_punctuation(answer.replace("\n", " ").replace("\t", " ").strip())
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [VQA_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
     return " ".join(words)
 
 
@@ -326,3 +438,33 @@ def vqa_answer_type(references: Sequence[str]) -> str:
     if re.fullmatch(r"\d+(?:\.\d+)?", majority):
         return "number"
     return "other"
+
+
+@dataclass(frozen=True)
+class VqaScore:
+    """How one short answer scores against its normalised reference answers."""
+
+    answer_type: str  # "yes/no", "number" or "other" (from the majority reference)
+    extracted: str  # what was compared: yes/no, the one number, or the normalised answer ("" if none)
+    accuracy: float  # VQA accuracy
+    exact_match: float  # 1.0 when `extracted` is the most common reference answer
+    unparseable: bool  # a yes/no or number question whose answer says neither
+
+
+def score_vqa_answer(answer: str, references: Sequence[str]) -> VqaScore:
+    """Score one answer against normalised references (`normalize_vqa_answer`): yes/no questions read yes
+    or no from the answer, number questions its one number, the others compare the normalised answer."""
+    answer_type = vqa_answer_type(references)
+    if answer_type == "yes/no":
+        extracted = extract_yes_no(answer) or ""
+    elif answer_type == "number":
+        extracted = extract_number(normalize_vqa_answer(short_answer(answer))) or ""
+    else:
+        extracted = normalize_vqa_answer(short_answer(answer))
+    return VqaScore(
+        answer_type,
+        extracted,
+        vqa_accuracy(extracted, references),
+        float(extracted == majority_answer(references)),
+        extracted == "",
+    )

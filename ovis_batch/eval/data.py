@@ -19,7 +19,6 @@ what to do; nothing here scores.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,10 +26,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ovis_batch.errors import UsageError
+from ovis_batch.storage import StorageError, location
 
 DEFAULT_ID_COLUMN = "image_id"
 PREDICTION_TEXT_COLUMNS = ("caption", "reasoning", "error_type", "error_message")
@@ -83,23 +82,11 @@ def read_parquet(path: str, columns: Sequence[str] | None = None, what: str = "i
     `columns` are read when present (absent ones are simply missing from the table). Raises
     EvalInputError when the path does not exist or holds no Parquet data.
     """
-    fs, root = _filesystem(path)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise EvalInputError(f"{what} path {path!r} does not exist")
-    if info.type == pafs.FileType.Directory:
-        selector = pafs.FileSelector(root, recursive=True)
-        files = sorted(
-            f.path
-            for f in fs.get_file_info(selector)
-            if f.type == pafs.FileType.File and f.path.endswith(".parquet") and not _hidden(f.path, root)
-        )
-        if not files:
-            raise EvalInputError(
-                f"{what} folder {path!r} holds no .parquet files (names starting with '_' or '.' are skipped)"
-            )
-    else:
-        files = [root]
+    try:
+        found = location(path).parquet_files()
+    except StorageError as err:
+        raise EvalInputError(f"{what}: {err}") from err
+    fs, files = found[0].fs, [f.path for f in found]
 
     tables, metadata = [], {}
     for file in files:
@@ -210,23 +197,6 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, what: str) -> np.ndarra
 def list_column(table: pa.Table, name: str) -> list[list | None]:
     """A list column as Python lists (None for nulls)."""
     return table.column(name).to_pylist()
-
-
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(path)
-            return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def _hidden(path: str, root: str) -> bool:
-    relative = path[len(root) :].lstrip("/")
-    return any(part.startswith(("_", ".")) for part in relative.split("/"))
 
 
 def _decode_metadata(raw: dict[bytes, bytes]) -> dict[str, object]:

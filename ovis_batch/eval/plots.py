@@ -1,15 +1,17 @@
 """PNG plots for the evaluation report (matplotlib, Agg backend: no display needed).
 
-Each function writes one file and returns its path; the report links them. Nothing here computes a
+Each function writes one PNG file (a local path or a URI, through `ovis_batch.storage`) and returns its URI; the report links them. Nothing here computes a
 metric.
 """
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from ovis_batch.storage import Location
 
 
 def _pyplot():
@@ -22,7 +24,10 @@ def _pyplot():
 
 
 def metric_by_group(
-    path: str, title: str, table: Mapping[str, Mapping[str, float | int | None]], metrics: Sequence[str]
+    target: Location,
+    title: str,
+    table: Mapping[str, Mapping[str, float | int | None]],
+    metrics: Sequence[str],
 ) -> str:
     """Horizontal bars of each metric per group (category, answer type), with the group sizes."""
     plt = _pyplot()
@@ -47,10 +52,10 @@ def metric_by_group(
         ax.invert_yaxis()
         ax.margins(x=0.25)
     fig.suptitle(title)
-    return _save(fig, plt, path)
+    return _save(fig, plt, target)
 
 
-def length_histograms(path: str, answer_words: np.ndarray, reasoning_words: np.ndarray) -> str:
+def length_histograms(target: Location, answer_words: np.ndarray, reasoning_words: np.ndarray) -> str:
     """Histograms of answer length and reasoning-trace length, in words."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -66,10 +71,10 @@ def length_histograms(path: str, answer_words: np.ndarray, reasoning_words: np.n
             ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel(label)
         ax.set_ylabel("rows")
-    return _save(fig, plt, path)
+    return _save(fig, plt, target)
 
 
-def error_breakdown(path: str, errors_by_type: Mapping[str, int]) -> str:
+def error_breakdown(target: Location, errors_by_type: Mapping[str, int]) -> str:
     """Bars of error rows per error type."""
     plt = _pyplot()
     types = list(errors_by_type)
@@ -79,10 +84,10 @@ def error_breakdown(path: str, errors_by_type: Mapping[str, int]) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("error rows")
     ax.set_title("error rows by type")
-    return _save(fig, plt, path)
+    return _save(fig, plt, target)
 
 
-def recall_bars(path: str, recalls: Mapping[str, Mapping[int, float]]) -> str:
+def recall_bars(target: Location, recalls: Mapping[str, Mapping[int, float]]) -> str:
     """Grouped bars of Recall@k per retrieval direction."""
     plt = _pyplot()
     directions = list(recalls)
@@ -97,12 +102,13 @@ def recall_bars(path: str, recalls: Mapping[str, Mapping[int, float]]) -> str:
     ax.set_ylim(0, 1.1)
     ax.legend()
     ax.set_title("retrieval recall")
-    return _save(fig, plt, path)
+    return _save(fig, plt, target)
 
 
-def _save(fig, plt, path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def _save(fig, plt, target: Location) -> str:
+    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return path
+    target.write_bytes(buffer.getvalue())
+    return target.uri

@@ -1,5 +1,6 @@
 """The report folder: `metrics.json` (machine-readable), `report.md` (people), `scores.parquet`, plots.
 
+The folder is a local path or a URI (s3://, gs://, ...), written through `ovis_batch.storage`.
 `metrics.json` tags every score with its scale and tokenizer, records the inputs (paths, files, the
 model metadata the batch job wrote into its Parquet files), the row counts, run health and errors, and
 with `--compare` the delta of every headline metric against a previous report. It is written last,
@@ -10,9 +11,9 @@ as tables that read well in a terminal and on a web page, and links the PNG plot
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from ovis_batch.eval import plots
 from ovis_batch.eval.data import EvalInputError
 from ovis_batch.eval.health import RunHealth
 from ovis_batch.eval.tasks import NO_CATEGORY, Metric, TaskResult
+from ovis_batch.storage import Location, StorageError, location
 
 FORMAT = "ovis-batch-eval/1"
 METRICS_FILE = "metrics.json"
@@ -43,11 +45,15 @@ HEALTH_METRICS = (
 
 def load_previous(report_dir: str) -> dict[str, Any]:
     """The metrics.json of a previous report folder (for --compare)."""
-    path = os.path.join(report_dir, METRICS_FILE)
-    if not os.path.exists(path):
-        raise EvalInputError(f"--compare {report_dir!r}: no {METRICS_FILE} there (is it a report folder?)")
-    with open(path, encoding="utf-8") as f:
-        previous = json.load(f)
+    path = location(report_dir).join(METRICS_FILE)
+    try:
+        previous = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise EvalInputError(
+            f"--compare {report_dir!r}: no {METRICS_FILE} there (is it a report folder?)"
+        ) from None
+    except StorageError as err:
+        raise EvalInputError(f"--compare {report_dir!r}: {err}") from err
     if previous.get("format") != FORMAT:
         raise EvalInputError(f"--compare {path!r} has format {previous.get('format')!r}, expected {FORMAT!r}")
     return previous
@@ -90,22 +96,30 @@ def build_metrics(
         "comparison": None,
     }
     if previous is not None:
-        document["comparison"] = _comparison(document, previous, previous_dir)
+        document["comparison"] = compare_documents(document, previous, previous_dir)
     return document
 
 
 def write_report(
     report_dir: str, document: dict[str, Any], result: TaskResult, health: RunHealth
 ) -> dict[str, Any]:
-    """Write plots, scores.parquet, report.md and finally metrics.json into `report_dir`."""
-    os.makedirs(os.path.join(report_dir, PLOTS_DIR), exist_ok=True)
-    plot_files = _write_plots(report_dir, result, health)
-    result.items.to_parquet(os.path.join(report_dir, SCORES_FILE), index=False)
+    """Write plots, scores.parquet, report.md and finally metrics.json into `report_dir` (a local folder
+    or a URI; each file is written whole, so metrics.json marks a complete report)."""
+    folder = location(report_dir)
+    plot_files = _write_plots(folder, result, health)
+    scores = io.BytesIO()
+    result.items.to_parquet(scores, index=False)
+    folder.join(SCORES_FILE).write_bytes(scores.getvalue())
     document["files"] = {"report": REPORT_FILE, "scores": SCORES_FILE, "plots": plot_files}
-    _write_text(os.path.join(report_dir, REPORT_FILE), render_markdown(document))
-    text = json.dumps(_finite(document), indent=2, allow_nan=False)
-    _write_text(os.path.join(report_dir, METRICS_FILE), text + "\n")
+    folder.join(REPORT_FILE).write_text(render_markdown(document))
+    text = json.dumps(json_safe(document), indent=2, allow_nan=False)
+    folder.join(METRICS_FILE).write_text(text + "\n")
     return document
+
+
+def check_report_folder(report_dir: str) -> None:
+    """Before scoring: the report folder can be written (StorageError says why not and what to do)."""
+    location(report_dir).check_writable("report folder")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,9 +159,11 @@ def _tagged_groups(
     return out
 
 
-def _comparison(
+def compare_documents(
     document: Mapping[str, Any], previous: Mapping[str, Any], previous_dir: str | None
 ) -> dict[str, Any]:
+    """The delta of every metric of `document` (its `metrics` and `health.metrics` sections) against the
+    same name in `previous`; a delta only where scale and tokenizer agree (else "not comparable")."""
     deltas: dict[str, Any] = {}
     sections = (
         (document["metrics"], previous.get("metrics", {})),
@@ -192,12 +208,12 @@ def render_markdown(document: Mapping[str, Any]) -> str:
     lines: list[str] = [f"# Evaluation report: {document['task']}", ""]
     inputs = document["inputs"]
     comparison = document.get("comparison")
-    lines += _table(
+    lines += markdown_table(
         ["", ""],
         [
             ["predictions", f"`{inputs['predictions']}` ({_files(inputs.get('prediction_files'))})"],
             ["references", f"`{inputs['references']}` ({_files(inputs.get('reference_files'))})"],
-            ["model", _model_line(inputs.get("prediction_metadata") or {})],
+            ["model", model_line(inputs.get("prediction_metadata") or {})],
             ["task", f"{document['task']} ({document['task_reason']})"],
             ["created (UTC)", document["created_utc"]],
             *(
@@ -219,18 +235,18 @@ def render_markdown(document: Mapping[str, Any]) -> str:
     header = ["metric", "value", *(["Δ vs previous"] if comparison else []), "n", "scale", "tokenizer"]
     rows = []
     for name, entry in document["metrics"].items():
-        value = _number(entry["value"]) if entry["value"] is not None else "skipped"
+        value = format_number(entry["value"]) if entry["value"] is not None else "skipped"
         rows.append(
             [
                 name,
                 value,
-                *([_delta(deltas.get(name))] if comparison else []),
+                *([format_delta(deltas.get(name))] if comparison else []),
                 str(entry["n"]),
                 entry["scale"],
                 entry["tokenizer"],
             ]
         )
-    lines += _table(header, rows, align="lr" + ("r" if comparison else "") + "rll")
+    lines += markdown_table(header, rows, align="lr" + ("r" if comparison else "") + "rll")
     notes = [f"{name}: {entry['note']}" for name, entry in document["metrics"].items() if entry.get("note")]
     notes += document.get("notes", [])
     if notes:
@@ -238,16 +254,18 @@ def render_markdown(document: Mapping[str, Any]) -> str:
 
     counts = document["counts"]
     lines += ["", "## Rows", ""]
-    lines += _table(["", "rows"], [[k.replace("_", " "), str(v)] for k, v in counts.items()], align="lr")
+    lines += markdown_table(
+        ["", "rows"], [[k.replace("_", " "), str(v)] for k, v in counts.items()], align="lr"
+    )
 
     plot_files = document.get("files", {}).get("plots", [])
     for title, table in _group_sections(document):
         lines += ["", f"## By {title}", ""]
         metric_names = list(next(iter(table.values()))["metrics"]) if table else []
-        lines += _table(
+        lines += markdown_table(
             [title, "n", *metric_names],
             [
-                [group, str(row["n"]), *(_number(row["metrics"][m]["value"]) for m in metric_names)]
+                [group, str(row["n"]), *(format_number(row["metrics"][m]["value"]) for m in metric_names)]
                 for group, row in table.items()
             ],
             align="lr" + "r" * len(metric_names),
@@ -263,8 +281,10 @@ def render_markdown(document: Mapping[str, Any]) -> str:
     lines += ["", "## Reasoning health", ""]
     rows = []
     for name, entry in health["metrics"].items():
-        rows.append([name, _number(entry["value"]), *([_delta(deltas.get(name))] if comparison else [])])
-    lines += _table(
+        rows.append(
+            [name, format_number(entry["value"]), *([format_delta(deltas.get(name))] if comparison else [])]
+        )
+    lines += markdown_table(
         ["", "value", *(["Δ vs previous"] if comparison else [])],
         rows,
         align="lr" + ("r" if comparison else ""),
@@ -283,7 +303,7 @@ def render_markdown(document: Mapping[str, Any]) -> str:
     lines += ["", "## Errors", ""]
     errors = document["errors_by_type"]
     if errors:
-        lines += _table(["error type", "rows"], [[t, str(c)] for t, c in errors.items()], align="lr")
+        lines += markdown_table(["error type", "rows"], [[t, str(c)] for t, c in errors.items()], align="lr")
         lines += ["", "Error rows are counted here and excluded from every score above."]
         if _plot_name("errors") in plot_files:
             lines += ["", f"![errors by type]({_plot_name('errors')})"]
@@ -303,12 +323,12 @@ def _group_sections(document: Mapping[str, Any]) -> list[tuple[str, dict[str, An
     return sections
 
 
-def _write_plots(report_dir: str, result: TaskResult, health: RunHealth) -> list[str]:
+def _write_plots(folder: Location, result: TaskResult, health: RunHealth) -> list[str]:
     written = []
 
-    def plot(name: str) -> str:
+    def plot(name: str) -> Location:
         written.append(_plot_name(name))
-        return os.path.join(report_dir, _plot_name(name))
+        return folder.join(_plot_name(name))
 
     groups = []
     if result.categories and set(result.categories) != {NO_CATEGORY}:
@@ -339,7 +359,8 @@ def _plot_name(name: str) -> str:
     return f"{PLOTS_DIR}/{re.sub(r'[^A-Za-z0-9_]+', '_', name)}.png"
 
 
-def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """A Markdown table, padded so that it also reads as plain text; `align` is "l" or "r" per column."""
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
     widths = [max(w, 3) for w in widths]
 
@@ -364,7 +385,8 @@ def _files(count: int | None) -> str:
     return "? files" if count is None else f"{count} file{'s' if count != 1 else ''}"
 
 
-def _number(value: float | int | None) -> str:
+def format_number(value: float | int | None) -> str:
+    """A score for a table: whole numbers from 10 up without decimals, others with four."""
     if value is None:
         return "n/a"
     if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 10):
@@ -372,7 +394,8 @@ def _number(value: float | int | None) -> str:
     return f"{value:.4f}"
 
 
-def _delta(entry: Mapping[str, Any] | None) -> str:
+def format_delta(entry: Mapping[str, Any] | None) -> str:
+    """A delta entry of `compare_documents` for a table: signed, "n/a" when not comparable."""
     if not entry:
         return ""
     if not entry["comparable"]:
@@ -382,7 +405,7 @@ def _delta(entry: Mapping[str, Any] | None) -> str:
     return f"{entry['delta']:+.4f}"
 
 
-def _model_line(metadata: Mapping[str, Any]) -> str:
+def model_line(metadata: Mapping[str, Any]) -> str:
     """What produced the predictions, from the batch job's `ovis_batch` Parquet metadata."""
     job = metadata.get("ovis_batch")
     if not isinstance(job, Mapping):
@@ -405,24 +428,17 @@ def _model_line(metadata: Mapping[str, Any]) -> str:
     return "; ".join(shown)
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe copy: NaN and infinities become null, numpy scalars plain numbers."""
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item") and not isinstance(value, str | bytes):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _write_text(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, path)
 
 
 def _version() -> str:
@@ -433,4 +449,4 @@ def _version() -> str:
 
 def scores_frame(path: str) -> pd.DataFrame:
     """The per-item scores of a report folder (`scores.parquet`)."""
-    return pd.read_parquet(os.path.join(path, SCORES_FILE))
+    return pd.read_parquet(io.BytesIO(location(path).join(SCORES_FILE).read_bytes()))

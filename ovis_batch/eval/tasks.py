@@ -135,9 +135,10 @@ def _bad_ids(ids: Sequence[str], what: str, fix: str, side: str = "references") 
     return EvalInputError(f"{len(ids)} {side} {what}: {shown}. {fix}")
 
 
-def _category_table(
+def category_table(
     items: pd.DataFrame, metrics: dict[str, Callable[[pd.DataFrame], float]]
 ) -> dict[str, dict[str, float | int | None]]:
+    """{category: {"n": rows, metric: value}} over the groups of `items["category"]`, in sorted order."""
     table = {}
     for category, group in items.groupby("category", sort=True):
         row: dict[str, float | int | None] = {"n": len(group)}
@@ -208,7 +209,7 @@ def score_captions_task(
     for name, values in scores.per_image.items():
         items[name] = values
     stats = scores.bleu_stats
-    categories = _category_table(
+    categories = category_table(
         items,
         {
             "BLEU-4": lambda g: corpus_bleu(stats.subset(g.index.to_numpy()))[3],
@@ -268,20 +269,14 @@ def score_vqa_task(predictions: Predictions, references: ParquetSource, match: I
     if ok.empty:
         raise EvalInputError("no ok prediction row is left to score (all matched rows are errors)")
 
-    predicted, accuracy, exact, unparseable, answer_types = [], [], [], [], []
-    for answer, refs in zip(ok["model_answer"], gold, strict=True):
-        answer_type = ans.vqa_answer_type(refs)
-        if answer_type == "yes/no":
-            extracted = ans.extract_yes_no(answer) or ""
-        elif answer_type == "number":
-            extracted = ans.extract_number(ans.normalize_vqa_answer(ans.short_answer(answer))) or ""
-        else:
-            extracted = ans.normalize_vqa_answer(ans.short_answer(answer))
-        predicted.append(extracted)
-        unparseable.append(extracted == "")
-        accuracy.append(ans.vqa_accuracy(extracted, refs))
-        exact.append(float(extracted == ans.majority_answer(refs)))
-        answer_types.append(answer_type)
+    scored = [
+        ans.score_vqa_answer(answer, refs) for answer, refs in zip(ok["model_answer"], gold, strict=True)
+    ]
+    predicted = [s.extracted for s in scored]
+    accuracy = [s.accuracy for s in scored]
+    exact = [s.exact_match for s in scored]
+    unparseable = [s.unparseable for s in scored]
+    answer_types = [s.answer_type for s in scored]
     items = pd.DataFrame(
         {
             "id": ok["id"],
@@ -313,7 +308,7 @@ def score_vqa_task(predictions: Predictions, references: ParquetSource, match: I
         "exact match": lambda g: float(g["exact_match"].mean()),
         "unparseable rate": lambda g: float(g["unparseable"].mean()),
     }
-    by_type = _category_table(items.assign(category=items["answer_type"]), per_group)
+    by_type = category_table(items.assign(category=items["answer_type"]), per_group)
     notes = [
         "answers normalised as the official VQA evaluation does, on both sides; accuracy is min(1, matches/3) "
         "averaged over leave-one-annotator-out subsets (exact match when there is one reference answer); "
@@ -324,7 +319,7 @@ def score_vqa_task(predictions: Predictions, references: ParquetSource, match: I
         "vqa",
         metrics,
         list(per_group),
-        _category_table(items, per_group),
+        category_table(items, per_group),
         items,
         _counts(match, rows, unparseable=int(items["unparseable"].sum())),
         breakdowns={"answer type": by_type},
@@ -396,7 +391,7 @@ def score_mcq_task(predictions: Predictions, references: ParquetSource, match: I
         "mcq",
         metrics,
         list(per_group),
-        _category_table(items, per_group),
+        category_table(items, per_group),
         items,
         _counts(match, rows, unparseable=int(items["unparseable"].sum())),
         notes=notes,

@@ -6,23 +6,23 @@
       index.json       written last: format version, model, strategy, dim, count, kind, build
                        parameters, search parameter, measured recall, history of builds and adds
 
+INDEX_DIR is a local folder or a URI (s3://, gs://, ...): every file goes through `ovis_batch.storage`.
 Every build or add writes a complete new folder next to the old one (`.INDEX_DIR.staging-*`) and then
-swaps it in with two renames; a failure before the swap leaves the existing index exactly as it was.
-If the process dies between the two renames, the previous index is still there under
-`.INDEX_DIR.previous-*` and opening the index says so. A lock file (`.INDEX_DIR.lock`, flock) keeps two
-writers from racing; readers need no lock.
+swaps it in (`storage.replace_folder`: two renames on a local disk; on an object store the files are
+copied into place with index.json last); a failure before the swap leaves the existing index exactly
+as it was. If the process dies during the swap, the complete index is still there (under
+`.INDEX_DIR.previous-*` on a local disk, `.INDEX_DIR.staging-*` on an object store) and opening the
+index says so. A lease (`.INDEX_DIR.lock`, `ovis_batch.lease`) keeps two writers from racing, on any
+store; readers need no lock.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import secrets
-import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import faiss
@@ -35,6 +35,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 import ovis_batch
 from ovis_batch.index.errors import IndexFolderError
 from ovis_batch.index.provenance import EmbeddingProvenance, ModelIdentity
+from ovis_batch.lease import Lease
+from ovis_batch.storage import Location, StorageError, location, replace_folder
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
@@ -42,6 +44,8 @@ ID_MAP_FILE = "id_map.parquet"
 MANIFEST_FILE = "index.json"
 ID_MAP_SCHEMA = pa.schema([("faiss_id", pa.int64()), ("id", pa.string()), ("caption", pa.string())])
 _ID_MAP_ROW_GROUP = 65_536
+# A build or add killed without releasing its lease blocks the next one for at most this long.
+LEASE_TIMEOUT_S = 60.0
 
 
 def utc_now() -> str:
@@ -143,23 +147,15 @@ def new_manifest(
     }
 
 
-def read_manifest(folder: str | Path) -> IndexManifest:
+def read_manifest(folder: str | os.PathLike | Location) -> IndexManifest:
     """Read and check `index.json`; IndexFolderError names the folder and says what to do."""
-    folder = Path(folder)
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        leftovers = sorted(folder.parent.glob(f".{folder.name}.previous-*"))
-        if not folder.exists() and leftovers:
-            raise IndexFolderError(
-                f"no index at {folder}, but {leftovers[-1]} holds the previous one: a write was interrupted "
-                f"while swapping folders. Rename {leftovers[-1]} to {folder} and run the add again."
-            )
-        raise IndexFolderError(
-            f"{folder} is not an index folder (no {MANIFEST_FILE}); build one with `index build`"
-        )
+    folder = location(folder)
+    path = folder.join(MANIFEST_FILE)
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise _missing_index(folder) from None
+    except (OSError, ValueError, StorageError) as err:
         raise IndexFolderError(f"{path} is unreadable ({err}); rebuild the index with `index build`") from err
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
@@ -175,14 +171,37 @@ def read_manifest(folder: str | Path) -> IndexManifest:
         raise IndexFolderError(f"{path} is damaged:\n{err}\nRebuild the index with `index build`.") from err
 
 
-def open_index(folder: str | Path) -> tuple[IndexManifest, faiss.Index]:
+def _missing_index(folder: Location) -> IndexFolderError:
+    """No index.json: say so, or point at the complete index an interrupted swap left beside it."""
+    beside = [folder.at(i.path) for i in folder.parent.list() if i.base_name.startswith(f".{folder.name}.")]
+    previous = [p for p in beside if ".previous-" in p.name]
+    if previous and not folder.exists():
+        return IndexFolderError(
+            f"no index at {folder}, but {previous[-1]} holds the previous one: a write was interrupted "
+            f"while swapping folders. Rename {previous[-1]} to {folder} and run the add again."
+        )
+    staged = [p for p in beside if ".staging-" in p.name and p.join(MANIFEST_FILE).is_file()]
+    if staged:
+        return IndexFolderError(
+            f"{folder} has no {MANIFEST_FILE}, but {staged[-1]} holds a complete index: a write was "
+            f"interrupted while its files were copied into place. Copy every file of {staged[-1]} into "
+            f"{folder}, {MANIFEST_FILE} last, then delete {staged[-1]}."
+        )
+    return IndexFolderError(
+        f"{folder} is not an index folder (no {MANIFEST_FILE}); build one with `index build`"
+    )
+
+
+def open_index(folder: str | os.PathLike | Location) -> tuple[IndexManifest, faiss.Index]:
     """The manifest and FAISS index of `folder`, checked against each other."""
-    folder = Path(folder)
+    folder = location(folder)
     manifest = read_manifest(folder)
+    source = folder.join(INDEX_FILE)
     try:
-        index = faiss.read_index(str(folder / INDEX_FILE))
-    except RuntimeError as err:
-        raise IndexFolderError(f"cannot read {folder / INDEX_FILE}: {err}; rebuild the index") from err
+        with source.open_input() as stream:
+            index = faiss.read_index(faiss.PyCallbackIOReader(stream.read))
+    except (RuntimeError, OSError) as err:
+        raise IndexFolderError(f"cannot read {source}: {err}; rebuild the index") from err
     if index.ntotal != manifest.count or index.d != manifest.embedding["dim"]:
         raise IndexFolderError(
             f"{folder} is inconsistent: {INDEX_FILE} holds {index.ntotal} vectors of dim {index.d}, "
@@ -194,19 +213,20 @@ def open_index(folder: str | Path) -> tuple[IndexManifest, faiss.Index]:
 class IdMap:
     """Read access to `id_map.parquet` without loading it whole (it can hold tens of millions of rows)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | Location) -> None:
+        self.path = location(path)
 
     def rows(self) -> int:
         """Row count, from the Parquet footer."""
-        return pq.ParquetFile(self.path).metadata.num_rows
+        with self.path.open_input() as stream:
+            return pq.ParquetFile(stream).metadata.num_rows
 
     def lookup(self, faiss_ids: np.ndarray) -> dict[int, tuple[str, str | None]]:
         """faiss_id -> (id, caption) for the given FAISS ids (row groups pruned by faiss_id range)."""
         wanted = [int(i) for i in faiss_ids if i >= 0]
         if not wanted:
             return {}
-        table = pq.read_table(self.path, filters=[("faiss_id", "in", wanted)])
+        table = pq.read_table(self.path.path, filesystem=self.path.fs, filters=[("faiss_id", "in", wanted)])
         return {
             f: (i, c)
             for f, i, c in zip(
@@ -219,12 +239,15 @@ class IdMap:
 
     def find(self, item_id: str) -> int | None:
         """The FAISS id of `item_id`, or None."""
-        table = pq.read_table(self.path, columns=["faiss_id"], filters=[("id", "==", item_id)])
+        table = pq.read_table(
+            self.path.path, filesystem=self.path.fs, columns=["faiss_id"], filters=[("id", "==", item_id)]
+        )
         return int(table["faiss_id"][0].as_py()) if table.num_rows else None
 
     def iter_keys(self, batch_rows: int = _ID_MAP_ROW_GROUP) -> Iterator[pa.RecordBatch]:
         """(faiss_id, id) batches in faiss_id order."""
-        yield from pq.ParquetFile(self.path).iter_batches(batch_size=batch_rows, columns=["faiss_id", "id"])
+        with self.path.open_input() as stream:
+            yield from pq.ParquetFile(stream).iter_batches(batch_size=batch_rows, columns=["faiss_id", "id"])
 
     def faiss_ids_of(self, ids: pa.Array) -> np.ndarray:
         """FAISS ids of the rows whose id is in `ids` (one streaming pass over the id column)."""
@@ -236,45 +259,44 @@ class IdMap:
 
 
 class IndexWriter:
-    """Lock, stage a complete new index folder beside `folder`, and swap it in on `commit`.
+    """Lease the folder, stage a complete new index folder beside it, and swap it in on `commit`.
 
     Use as a context manager; leaving it without `commit` (an exception) deletes the staging folder
     and leaves the existing index untouched.
     """
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder).absolute()
+    def __init__(
+        self, folder: str | os.PathLike | Location, *, lease_timeout_s: float = LEASE_TIMEOUT_S
+    ) -> None:
+        self.folder = location(folder)
         token = secrets.token_hex(4)
-        self.staging = self.folder.parent / f".{self.folder.name}.staging-{token}"
-        self._previous = self.folder.parent / f".{self.folder.name}.previous-{token}"
-        self._lock_path = self.folder.parent / f".{self.folder.name}.lock"
-        self._lock_file: Any = None
+        parent, name = self.folder.parent, self.folder.name
+        self.staging = parent.join(f".{name}.staging-{token}")
+        self._previous = parent.join(f".{name}.previous-{token}")
+        self._lease = Lease(
+            parent.join(f".{name}.lock"),
+            what="index build or add",
+            subject=self.folder,
+            timeout_s=lease_timeout_s,
+            busy_hint="wait for it to finish",
+        )
         self._keys_written = 0
 
     def __enter__(self) -> IndexWriter:
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        # Held (and flock-ed) until __exit__, so not a with-block.
-        self._lock_file = open(self._lock_path, "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            self._lock_file.close()
-            raise IndexFolderError(
-                f"another build or add is writing {self.folder} (lock {self._lock_path} is held); "
-                "wait for it to finish"
-            ) from err
-        (self.staging / "new_keys").mkdir(parents=True)
+        self._lease.__enter__()  # LeaseHeldError names the writer that holds it
+        self.staging.join("new_keys").make_dirs()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-        self._lock_file.close()
+        try:
+            self.staging.delete_tree()
+        finally:
+            self._lease.release()
 
     def stage_keys(self, keys: pa.Table) -> None:
-        """Keep id-map rows of newly added vectors (in faiss_id order) on disk until the commit."""
-        path = self.staging / "new_keys" / f"{self._keys_written:08d}.parquet"
-        pq.write_table(keys.cast(ID_MAP_SCHEMA), path)
+        """Keep id-map rows of newly added vectors (in faiss_id order) until the commit."""
+        path = self.staging.join("new_keys", f"{self._keys_written:08d}.parquet")
+        pq.write_table(keys.cast(ID_MAP_SCHEMA), path.path, filesystem=path.fs)
         self._keys_written += 1
 
     def commit(
@@ -282,59 +304,49 @@ class IndexWriter:
     ) -> None:
         """Write the FAISS file, the id map (previous rows + staged rows - removed ids), then index.json,
         and swap the staged folder in."""
-        faiss.write_index(index, str(self.staging / INDEX_FILE))
+        self._lease.ensure_held()
+        with self.staging.join(INDEX_FILE).open_output() as stream:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(stream.write))
         removed_ids = pa.array(np.asarray(removed, dtype=np.int64))
         rows = self._write_id_map(previous, removed_ids)
         if rows != index.ntotal or rows != manifest.count:
             raise AssertionError(f"id map has {rows} rows, index {index.ntotal}, manifest {manifest.count}")
-        shutil.rmtree(self.staging / "new_keys")
-        (self.staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        self.staging.join("new_keys").delete_tree()
+        self.staging.join(MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         for name in (INDEX_FILE, ID_MAP_FILE, MANIFEST_FILE):
-            _fsync(self.staging / name)
-        self._swap()
+            self.staging.join(name).sync()
+        replace_folder(self.staging, self.folder, marker=MANIFEST_FILE, previous=self._previous)
 
     def _write_id_map(self, previous: IdMap | None, removed: pa.Array) -> int:
-        staged = sorted((self.staging / "new_keys").glob("*.parquet"))
+        staged = self.staging.join("new_keys").files()
         sources = ([previous.path] if previous is not None else []) + staged
         rows, pending = 0, []
-        with pq.ParquetWriter(self.staging / ID_MAP_FILE, ID_MAP_SCHEMA) as writer:
-            for path in sources:
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=_ID_MAP_ROW_GROUP):
-                    kept = pa.Table.from_batches([batch]).filter(
-                        pc.invert(pc.is_in(batch.column("faiss_id"), value_set=removed))
-                    )
-                    pending.append(kept.cast(ID_MAP_SCHEMA))
-                    rows += kept.num_rows
-                    if sum(t.num_rows for t in pending) >= _ID_MAP_ROW_GROUP:
-                        writer.write_table(pa.concat_tables(pending), row_group_size=_ID_MAP_ROW_GROUP)
-                        pending = []
+        target = self.staging.join(ID_MAP_FILE)
+        with pq.ParquetWriter(target.path, ID_MAP_SCHEMA, filesystem=target.fs) as writer:
+            for source in sources:
+                with source.open_input() as stream:
+                    for batch in pq.ParquetFile(stream).iter_batches(batch_size=_ID_MAP_ROW_GROUP):
+                        kept = pa.Table.from_batches([batch]).filter(
+                            pc.invert(pc.is_in(batch.column("faiss_id"), value_set=removed))
+                        )
+                        pending.append(kept.cast(ID_MAP_SCHEMA))
+                        rows += kept.num_rows
+                        if sum(t.num_rows for t in pending) >= _ID_MAP_ROW_GROUP:
+                            writer.write_table(pa.concat_tables(pending), row_group_size=_ID_MAP_ROW_GROUP)
+                            pending = []
             if pending or rows == 0:
                 writer.write_table(pa.concat_tables(pending) if pending else ID_MAP_SCHEMA.empty_table())
         return rows
 
-    def _swap(self) -> None:
-        if self.folder.exists():
-            os.rename(self.folder, self._previous)
-        try:
-            os.rename(self.staging, self.folder)
-        except OSError:
-            if self._previous.exists():
-                os.rename(self._previous, self.folder)
-            raise
-        shutil.rmtree(self._previous, ignore_errors=True)
 
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def check_build_target(folder: str | Path, overwrite: bool) -> None:
+def check_build_target(folder: str | os.PathLike | Location, overwrite: bool) -> None:
     """Refuse to build over an existing index (unless `overwrite`) or over a folder that is not an index."""
-    folder = Path(folder)
-    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+    folder = location(folder)
+    if folder.is_file():
+        raise IndexFolderError(f"{folder} is a file, not an index folder; choose another --index path")
+    if not folder.list():
         return
-    if not (folder / MANIFEST_FILE).is_file():
+    if not folder.join(MANIFEST_FILE).is_file():
         raise IndexFolderError(f"{folder} exists and is not an index folder; choose another --index path")
     if not overwrite:
         raise IndexFolderError(

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from ovis_batch.index.errors import EmbeddingInputError
 from ovis_batch.index.provenance import METADATA_KEY, EmbeddingProvenance, provenance_from_metadata
+from ovis_batch.storage import StorageError, location
 
 STATUS_COLUMN = "status"
 CAPTION_COLUMN = "caption"
@@ -104,51 +105,27 @@ class ReadCounts:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def resolve_location(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local path or a URI (s3://, gs://, file://...)."""
-    text = os.fspath(location)
-    if "://" in text:
-        try:
-            return pafs.FileSystem.from_uri(text)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise EmbeddingInputError(f"cannot open {text}: {err}") from err
-    return pafs.LocalFileSystem(), os.path.abspath(text)
-
-
-def list_data_files(location: str | os.PathLike) -> tuple[pafs.FileSystem, list[str]]:
-    """The `.parquet` files at `location` (a file, or a folder searched recursively), sorted.
+def list_data_files(where: str | os.PathLike) -> tuple[pafs.FileSystem, list[str]]:
+    """The `.parquet` files at `where` (a file, or a folder searched recursively; local or a URI), sorted.
 
     Files and folders whose names start with `_` or `.` are not data (temporary shards, markers).
     """
-    fs, root = resolve_location(location)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise EmbeddingInputError(f"embeddings not found: {location} does not exist")
-    if info.type == pafs.FileType.File:
-        return fs, [root]
-    paths = []
-    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        relative = entry.path[len(root) :].lstrip("/")
-        hidden = any(part.startswith(("_", ".")) for part in relative.split("/"))
-        if entry.type == pafs.FileType.File and entry.path.endswith(".parquet") and not hidden:
-            paths.append(entry.path)
-    if not paths:
+    try:
+        found = location(where).parquet_files()
+    except StorageError as err:
         raise EmbeddingInputError(
-            f"no Parquet data files under {location} (names starting with '_' or '.' are ignored). "
-            "Point --embeddings at the batch job's output folder."
-        )
-    return fs, sorted(paths)
+            f"embeddings not found: {err}. Point --embeddings at the batch job's output folder."
+        ) from err
+    return found[0].fs, [f.path for f in found]
 
 
-def open_embedding_input(
-    location: str | os.PathLike, id_column: str, first_faiss_id: int = 0
-) -> EmbeddingInput:
+def open_embedding_input(where: str | os.PathLike, id_column: str, first_faiss_id: int = 0) -> EmbeddingInput:
     """Check every data file's footer (schema, metadata, row count) and assign FAISS id ranges.
 
     Raises EmbeddingInputError naming the file when a column is missing, the metadata is absent, or two
     files disagree on model, strategy or dimension. Reads no row data.
     """
-    fs, paths = list_data_files(location)
+    fs, paths = list_data_files(where)
     files: list[EmbeddingFile] = []
     first: tuple[str, EmbeddingProvenance] | None = None
     next_id = first_faiss_id
@@ -171,8 +148,8 @@ def open_embedding_input(
         next_id += num_rows
     assert first is not None
     if next_id == first_faiss_id:
-        raise EmbeddingInputError(f"the embedding files under {location} hold no rows: nothing to index")
-    return EmbeddingInput(os.fspath(location), fs, tuple(files), first[1], id_column)
+        raise EmbeddingInputError(f"the embedding files under {where} hold no rows: nothing to index")
+    return EmbeddingInput(os.fspath(where), fs, tuple(files), first[1], id_column)
 
 
 def _check_schema(schema: pa.Schema, path: str, id_column: str, dim: int) -> None:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from ovis_batch.index.errors import IndexFolderError
 from ovis_batch.index.folder import ID_MAP_FILE, IdMap, IndexManifest, read_manifest
 from ovis_batch.index.search import SearchHit
+from ovis_batch.storage import location
 
 
-def format_run_summary(action: str, index_dir: str | Path, manifest: IndexManifest) -> str:
+def format_run_summary(action: str, index_dir: str | os.PathLike, manifest: IndexManifest) -> str:
     """One paragraph on what a build or add did."""
     entry, recall = manifest.history[-1], manifest.recall
     if recall.parameter is None:
@@ -30,18 +33,18 @@ def format_run_summary(action: str, index_dir: str | Path, manifest: IndexManife
     )
 
 
-def describe_index(folder: str | Path) -> dict[str, Any]:
+def describe_index(folder: str | os.PathLike) -> dict[str, Any]:
     """index.json plus the folder's file sizes, checked against the id map (the FAISS file is not loaded)."""
-    folder = Path(folder)
+    folder = location(folder)
     manifest = read_manifest(folder)
-    id_rows = IdMap(folder / ID_MAP_FILE).rows()
+    id_rows = IdMap(folder.join(ID_MAP_FILE)).rows()
     if id_rows != manifest.count:
         raise IndexFolderError(
             f"{folder} is inconsistent: the id map has {id_rows} rows, index.json says {manifest.count}; "
             "rebuild the index"
         )
     info = manifest.model_dump()
-    info["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
+    info["files"] = {i.base_name: i.size for i in folder.list() if i.type == pafs.FileType.File}
     return info
 
 

@@ -9,10 +9,10 @@ differs from the index's, since its vectors would live in another space.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from ovis_batch.index.folder import ID_MAP_FILE, IdMap, open_index
 from ovis_batch.index.kinds import set_search_parameter, stored_vector
 from ovis_batch.index.provenance import EmbeddingProvenance, ModelIdentity
 from ovis_batch.index.reader import MIN_VECTOR_NORM
+from ovis_batch.storage import StorageError, location
 
 EmbedText = Callable[[list[str]], np.ndarray]
 EmbedImage = Callable[[list[Any]], np.ndarray]
@@ -40,11 +41,11 @@ class SearchHit:
 class RetrievalIndex:
     """An opened index folder, ready to answer queries."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = location(folder)
         self.manifest, self.index = open_index(self.folder)
         set_search_parameter(self.index, self.manifest.kind, self.manifest.search_value)
-        self.id_map = IdMap(self.folder / ID_MAP_FILE)
+        self.id_map = IdMap(self.folder.join(ID_MAP_FILE))
 
     @property
     def provenance(self) -> EmbeddingProvenance:
@@ -147,11 +148,12 @@ def query_embedder_for(model: Any, identity: ModelIdentity, provenance: Embeddin
 
 
 def load_query_image(path: str | os.PathLike) -> Any:
-    """A query image as the batch job sees one: EXIF orientation applied, RGB."""
+    """A query image (a local path or a URI) as the batch job sees one: EXIF orientation applied, RGB."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        data = location(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
             return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnidentifiedImageError, StorageError) as err:
         raise RetrievalIndexError(f"cannot read the query image {path}: {err}") from err

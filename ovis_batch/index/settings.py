@@ -6,13 +6,14 @@ functions take the small pieces they need (a kind, a list count, a recall floor)
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ovis_batch.index.errors import RetrievalIndexError
+from ovis_batch.storage import StorageError, location
 
 IndexKindChoice = Literal["auto", "flat", "ivf", "hnsw"]
 
@@ -85,14 +86,13 @@ class IndexSettings(_Settings):
     hnsw: HnswSettings = HnswSettings()
 
 
-def load_index_settings(path: str | Path | None = None, **overrides: Any) -> IndexSettings:
+def load_index_settings(path: str | os.PathLike | None = None, **overrides: Any) -> IndexSettings:
     """Settings from a YAML file (or the defaults), with top-level `overrides` that are not None."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
+            data = yaml.safe_load(location(path).read_text()) or {}
+        except (OSError, yaml.YAMLError, StorageError) as err:
             raise RetrievalIndexError(f"cannot read index settings {path}: {err}") from err
         if not isinstance(data, dict):
             raise RetrievalIndexError(f"{path} must hold a mapping of settings, not {type(data).__name__}")

@@ -8,14 +8,15 @@ uniform random vectors in high dimension are a needlessly hard and unrealistic c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ovis_batch.index.provenance import EmbeddingProvenance, ModelIdentity
+from ovis_batch.storage import Location, location
 
 SYNTHETIC_MODEL = ModelIdentity(name="synthetic/unit-vectors", revision="0", weights_sha256="0" * 64)
 
@@ -77,21 +78,23 @@ def embedding_table(
 
 
 def write_embedding_output(
-    folder: str | Path,
+    folder: str | os.PathLike,
     vectors: np.ndarray,
     *,
     shards: int = 4,
     id_prefix: str = "img",
     first_id: int = 0,
     provenance: EmbeddingProvenance | None = None,
-) -> list[Path]:
+) -> list[Location]:
     """Write `vectors` as `shards` Parquet files `part-00000.parquet`... with ids `{prefix}{number:09d}`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = location(folder)
+    folder.make_dirs()
     paths = []
     for shard, rows in enumerate(np.array_split(np.arange(len(vectors)), shards)):
         ids = [f"{id_prefix}{first_id + r:09d}" for r in rows]
-        path = folder / f"part-{shard:05d}.parquet"
-        pq.write_table(embedding_table(ids, vectors[rows], provenance=provenance), path)
+        path = folder.join(f"part-{shard:05d}.parquet")
+        pq.write_table(
+            embedding_table(ids, vectors[rows], provenance=provenance), path.path, filesystem=path.fs
+        )
         paths.append(path)
     return paths

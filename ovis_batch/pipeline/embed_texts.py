@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ovis_batch
 from ovis_batch.checkpoints import model_identity
 from ovis_batch.pipeline.manifest import ManifestError, open_manifest
-from ovis_batch.pipeline.output import METADATA_KEY, OutputFolder, atomic_write
+from ovis_batch.pipeline.output import METADATA_KEY, TMP_DIR, OutputFolder
 
 EMBEDDINGS_FILE = "text_embeddings.parquet"
 
@@ -88,8 +88,12 @@ def embed_texts_to_parquet(
     ).replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    target = folder.join(EMBEDDINGS_FILE)
-    atomic_write(
-        folder.fs, target, folder.join("_tmp", f"{EMBEDDINGS_FILE}.partial"), sink.getvalue().to_pybytes()
-    )
-    return {"rows": table.num_rows, "images": len(set(ids)), "dim": dim, "strategy": strategy, "path": target}
+    target = folder.file(EMBEDDINGS_FILE)
+    target.write_bytes(sink.getvalue().to_pybytes(), staging=folder.file(TMP_DIR))
+    return {
+        "rows": table.num_rows,
+        "images": len(set(ids)),
+        "dim": dim,
+        "strategy": strategy,
+        "path": target.uri,
+    }

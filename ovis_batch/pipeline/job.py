@@ -1,9 +1,10 @@
 """Planning, running and summarising the caption job on Ray Data.
 
-`plan_caption_job` does every check that can fail before any work starts (manifest files and columns,
-unique ids, the model checkpoint, a writable output folder, an existing output made by another model or
-other settings); `run_caption_job` builds the Ray Data graph (read -> decode on CPU tasks -> one model
-per actor -> atomic shards) and streams the per-shard statistics; `finish_caption_job` checks that every
+`check_caption_inputs` checks what needs neither the output nor Ray (manifest files and columns, unique
+ids, the model checkpoint, the settings against its tokenizer and context); `plan_caption_job` then the
+output folder (writable, not made by another model or other settings) and what is committed already;
+`run_caption_job` builds the Ray Data graph (read -> decode on CPU tasks -> one model per actor -> atomic
+shards) and streams the per-shard statistics; `finish_caption_job` checks that every
 manifest id is committed exactly once, repairs duplicates a retry may have left, and writes `_run.json`.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import pyarrow as pa
 import ovis_batch
 from ovis_batch.checkpoints import model_identity
 from ovis_batch.config import CaptionConfig
+from ovis_batch.model.limits import GenerationLimits, check_generation_settings
 from ovis_batch.pipeline.manifest import Manifest, ManifestError, open_manifest, scan_ids
 from ovis_batch.pipeline.output import (
     JOB_FILE,
@@ -34,6 +37,16 @@ from ovis_batch.pipeline.output import (
     output_schema,
     repair_duplicates,
 )
+from ovis_batch.pipeline.resources import (
+    IO_TASKS_IN_FLIGHT,
+    Pool,
+    alive_nodes,
+    check_plan,
+    job_pools,
+    plan_cpus,
+    reserve,
+)
+from ovis_batch.pipeline.watchdog import StallWatchdog
 from ovis_batch.progress import ProgressLine
 
 
@@ -48,9 +61,57 @@ class CaptionPlan:
     passthrough: list[pa.Field]
     metadata: dict[str, Any]
     keep: IdSet | None  # `--limit`: the ids to process
+    limits: GenerationLimits  # the settings' token counts on this checkpoint (checked)
     total_rows: int  # rows this job covers (manifest, or the limit)
     skip: IdSet = field(default_factory=lambda: IdSet(id_hashes([])))  # already committed
     remaining: int = 0  # rows of this job not yet committed
+
+
+@dataclass(frozen=True)
+class CaptionInputs:
+    """The job's inputs, checked: the manifest and its ids, the model, the settings against the model."""
+
+    manifest: Manifest
+    keep: IdSet | None  # `--limit`: the ids to process
+    total_rows: int  # rows this job covers (manifest, or the limit)
+    model_source: str  # absolute for a local folder: workers resolve paths in their own working directory
+    model: dict[str, Any]  # identity of the weights (name, revision, weights_sha256, model_type, hidden size)
+    limits: GenerationLimits  # the settings' token counts on this checkpoint
+
+
+def check_caption_inputs(
+    manifest_uri: str,
+    model_source: str,
+    config: CaptionConfig,
+    *,
+    limit: int | None = None,
+    address: str | None = None,
+) -> CaptionInputs:
+    """Every check that needs neither the output folder nor Ray: the manifest (files, columns, unique ids),
+    the model, the generation settings against the model's tokenizer and context, the engine. Raises
+    ManifestError / CheckpointError / GenerationSettingsError / EngineError; writes nothing."""
+    required = [config.id_column, config.image_column, *config.passthrough_columns]
+    if config.prompt_column:
+        required.append(config.prompt_column)
+    manifest = open_manifest(manifest_uri, required)
+    if limit is not None and limit < 1:
+        raise ManifestError(f"--limit must be >= 1, got {limit}")
+    keep, scanned = scan_ids(manifest, config.id_column, limit)
+    model = model_identity(model_source)
+    if Path(model_source).expanduser().is_dir():
+        model_source = str(Path(model_source).expanduser().resolve())
+    limits = check_generation_settings(
+        Path(model["folder"]),
+        prompt=config.prompt,
+        max_new_tokens=config.max_new_tokens,
+        thinking=config.thinking,
+        thinking_budget=config.thinking_budget,
+        max_pixels=config.max_pixels,
+        engine_max_len=config.vllm_max_model_len if config.engine == "vllm" else None,
+    )
+    if config.engine == "vllm":
+        check_engine_here(model, config.vllm_replica_device(), local=address is None)
+    return CaptionInputs(manifest, keep, scanned, str(model_source), model, limits)
 
 
 def plan_caption_job(
@@ -62,19 +123,15 @@ def plan_caption_job(
     limit: int | None = None,
     overwrite: bool = False,
     address: str | None = None,
+    inputs: CaptionInputs | None = None,
 ) -> CaptionPlan:
     """Everything that can be checked before work starts; raises ManifestError / OutputError / CheckpointError
-    / EngineError. `address` is the cluster the job will run on (None: this machine)."""
-    required = [config.id_column, config.image_column, *config.passthrough_columns]
-    if config.prompt_column:
-        required.append(config.prompt_column)
-    manifest = open_manifest(manifest_uri, required)
-    if limit is not None and limit < 1:
-        raise ManifestError(f"--limit must be >= 1, got {limit}")
-    keep, scanned = scan_ids(manifest, config.id_column, limit)
-    model = model_identity(model_source)
-    if config.engine == "vllm":
-        check_engine_here(model, config.vllm_replica_device(), local=address is None)
+    / EngineError. `address` is the cluster the job will run on (None: this machine). `inputs`: what
+    `check_caption_inputs` found already (else it is called here)."""
+    if inputs is None:
+        inputs = check_caption_inputs(manifest_uri, model_source, config, limit=limit, address=address)
+    manifest, keep, scanned, model = inputs.manifest, inputs.keep, inputs.total_rows, inputs.model
+    model_source, limits = inputs.model_source, inputs.limits
     output = OutputFolder.open(output_uri)
     output.prepare()
     if overwrite:
@@ -105,6 +162,7 @@ def plan_caption_job(
     skip = IdSet(done)
     done_in_job = int(keep.contains(done).sum()) if keep is not None else len(skip)
     return CaptionPlan(
+        limits=limits,
         manifest=manifest,
         output=output,
         config=config,
@@ -142,8 +200,19 @@ def _check_same_job(output: OutputFolder, previous: dict, job: dict) -> None:
         )
 
 
-WRITER_CPUS = 0.5
-READ_TASK_CPUS = 2  # room for Ray Data's file listing and read tasks beside the actor pools
+# The caption job's Ray Data settings.
+DATA_CONTEXT = {
+    # Ray Data's file-based reader (V1), not its newer ListFiles -> ReadFiles chain (V2, the default
+    # since Ray 2.60): the plan has already listed and checked the manifest's files, and V2 lists them
+    # again in a task that starts a pool of footer-reading actors (about 10 s of a 15 s demo on 2 cores),
+    # and whose listing threads can race at their end (an uncaught InterruptedError in its completion
+    # signaller, printed by the worker as a traceback).
+    "use_datasource_v2": False,
+    # A failing stage raises its own exception (an OSError with its errno, a StorageError...), not Ray
+    # Data's generic "UDF failed" wrapper, whose cause does not survive the trip to the driver: the fault
+    # line names the real cause (ovis_batch.faults).
+    "raise_original_map_exception": True,
+}
 
 
 def check_engine_here(model: dict[str, Any], device: str, *, local: bool) -> None:
@@ -187,8 +256,8 @@ def check_cluster_gpus(config: CaptionConfig) -> None:
 
 
 def reserved_cpus(config: CaptionConfig) -> float:
-    """Logical CPUs the job's actor pools hold, plus room for reading: a local Ray needs at least this."""
-    return config.decode_workers + config.replicas * config.cpus_per_replica + WRITER_CPUS + READ_TASK_CPUS
+    """Logical CPUs the job's actor pools hold: a local Ray is started with at least this many."""
+    return plan_cpus(caption_pools(config))
 
 
 # vLLM's engine runs in child processes of a replica actor. Ray ends an actor's children as the actor
@@ -243,19 +312,81 @@ def _model_stage(plan: CaptionPlan) -> tuple[type, dict[str, Any], dict[str, Any
     return CaptionPredictor, kwargs, {}, {}
 
 
+def caption_pools(config: CaptionConfig) -> list[Pool]:
+    """The caption job's actor pools (model replicas, decode workers) as its settings size them."""
+    return job_pools(
+        decode_workers=config.decode_workers,
+        replicas=config.replicas,
+        cpus_per_replica=config.cpus_per_replica,
+        gpus_per_replica=config.gpus_per_replica,
+    )
+
+
+def empty_totals() -> dict[str, Any]:
+    """The statistics of a run that committed nothing (yet): `run_caption_job` adds each shard's."""
+    return {
+        "rows": 0,
+        "ok": 0,
+        "errors": Counter(),
+        "output_tokens": 0,
+        "decode_s": 0.0,
+        "infer_s": 0.0,
+        "shards": 0,
+        "wall_s": 0.0,
+    }
+
+
+def check_cluster(plan: CaptionPlan) -> None:
+    """The pre-flight checks that need the Ray session: the cluster's GPUs for `engine: vllm`, and that
+    the job's actor pools fit the cluster's nodes (ResourcePlanError with the numbers)."""
+    check_cluster_gpus(plan.config)
+    check_plan(caption_pools(plan.config), alive_nodes())
+
+
 def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> dict[str, Any]:
     """Execute the graph; returns the aggregated statistics of the shards committed by this run.
 
-    Each shard's statistics row comes back as soon as the shard is committed, and is counted on
-    `progress` then; the run needs a Ray session (`ovis_batch.ray_session`).
+    The run needs a Ray session (`ovis_batch.ray_session`) on which `check_cluster` passed. The actor
+    pools are reserved in placement groups first; then each shard's statistics row comes back as soon as the shard is committed, and is counted on `progress`.
+    A stall watchdog reports what Ray waits for when no shard comes, and stops the job past a limit.
+    """
+    cfg = plan.config
+    pools = caption_pools(cfg)
+    totals = empty_totals()
+    watchdog = StallWatchdog(
+        report_s=cfg.stall_report_s,
+        timeout_s=cfg.stall_timeout_s,
+        note=progress.note if progress is not None else lambda text: None,
+    )
+    started = time.perf_counter()
+    manifest = manifest_dataset(plan)
+    with reserve(pools, cfg.resource_wait_s) as placement, watchdog.watching():
+        ds = caption_dataset(plan, manifest, placement)
+        for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in stats.to_pylist():
+                totals["rows"] += row["rows"]
+                totals["ok"] += row["ok"]
+                totals["errors"].update(json.loads(row["errors"]))
+                totals["output_tokens"] += row["output_tokens"]
+                totals["decode_s"] += row["decode_s"]
+                totals["infer_s"] += row["infer_s"]
+                totals["shards"] += 1
+                watchdog.committed()
+                if progress is not None:
+                    progress.add(row["rows"], row["ok"], row["output_tokens"])
+    totals["wall_s"] = time.perf_counter() - started
+    return totals
+
+
+def manifest_dataset(plan: CaptionPlan):
+    """The manifest's rows as a Ray Dataset of the columns the job uses (and each row's file, `path`).
+
+    Made before the actor pools are reserved: creating it samples the files in short Ray tasks, which
+    need a CPU the reserved pools would otherwise hold.
     """
     import ray
-    from ray.data import ActorPoolStrategy
-
-    from ovis_batch.pipeline.stages import DecodeStage, write_shard_batch
 
     cfg = plan.config
-    check_cluster_gpus(cfg)
     columns = list(
         dict.fromkeys(
             [
@@ -266,20 +397,39 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
             ]
         )
     )
-    scheme = plan.manifest.uri.split("://", 1)[0] if "://" in plan.manifest.uri else ""
-    # Ray Data's file-based reader (V1), not its newer ListFiles -> ReadFiles chain (V2, the default
-    # since Ray 2.60): the plan has already listed and checked the manifest's files, and V2 lists them
-    # again in a task that starts a pool of footer-reading actors (about 10 s of a 15 s demo on 2 cores),
-    # and whose listing threads can race at their end (an uncaught InterruptedError in its completion
-    # signaller, printed by the worker as a traceback).
+    # Each dataset keeps a copy of the DataContext taken when it is created: set, create, restore.
     context = ray.data.DataContext.get_current()
-    reader_v2 = getattr(context, "use_datasource_v2", False)
-    context.use_datasource_v2 = False
+    saved = {name: getattr(context, name, None) for name in DATA_CONTEXT}
+    for name, value in DATA_CONTEXT.items():
+        setattr(context, name, value)
     try:
-        ds = ray.data.read_parquet(plan.manifest.files, filesystem=plan.manifest.fs, include_paths=True)
+        ds = ray.data.read_parquet(
+            plan.manifest.files,
+            filesystem=plan.manifest.fs,
+            include_paths=True,
+            num_cpus=0,
+            concurrency=IO_TASKS_IN_FLIGHT,
+        )
     finally:
-        context.use_datasource_v2 = reader_v2
-    ds = ds.select_columns([*columns, "path"])  # projection is pushed down into the Parquet read
+        for name, value in saved.items():
+            setattr(context, name, value)
+    return ds.select_columns([*columns, "path"])  # projection is pushed down into the Parquet read
+
+
+def caption_dataset(plan: CaptionPlan, manifest, placement: dict[str, Callable[[], dict[str, Any]]]):
+    """The Ray Data graph after the manifest: decode (actor pool) -> model (actor pool) -> commit shards.
+
+    `placement`: for each pool, the function of the Ray options that put its actors into its reserved
+    placement group. Committing is an I/O task that needs no CPU of its own, a few at a time (see
+    resources.py).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from ovis_batch.pipeline.stages import DecodeStage, write_shard_batch
+
+    cfg = plan.config
+    ds = manifest
     keep = ray.put(plan.keep) if plan.keep is not None else None
     skip = ray.put(plan.skip) if len(plan.skip) else None
     ds = ds.map_batches(
@@ -290,7 +440,7 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
             "prompt": cfg.prompt,
             "prompt_column": cfg.prompt_column,
             "passthrough": plan.passthrough,
-            "manifest_scheme": scheme,
+            "manifest": plan.manifest.location,
             "input_kind": "patches" if plan.model["model_type"] == "ovis2_5" else "rgb",
             "min_pixels": cfg.min_pixels,
             "max_pixels": cfg.max_pixels,
@@ -303,6 +453,7 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
         batch_size=cfg.decode_batch_rows,
         compute=ActorPoolStrategy(size=cfg.decode_workers),
         num_cpus=1,
+        ray_remote_args_fn=placement["decode workers"],
     )
     predictor, predictor_kwargs, calls, actor_options = _model_stage(plan)
     ds = ds.map_batches(
@@ -313,43 +464,35 @@ def run_caption_job(plan: CaptionPlan, progress: ProgressLine | None = None) -> 
         compute=ActorPoolStrategy(size=cfg.replicas, **calls),
         num_gpus=cfg.gpus_per_replica,
         num_cpus=cfg.cpus_per_replica,
+        ray_remote_args_fn=placement["model replicas"],
         **actor_options,
     )
     ds = ds.map_batches(
         write_shard_batch,
         fn_kwargs={
-            "output_uri": plan.output.uri,
+            "output_uri": plan.output.uri,  # absolute for a local folder: workers have their own cwd
             "id_column": cfg.id_column,
             "schema": plan.schema,
             "metadata": plan.metadata,
         },
         batch_format="pyarrow",
         batch_size=cfg.rows_per_shard,
-        num_cpus=WRITER_CPUS,
+        num_cpus=0,
+        concurrency=IO_TASKS_IN_FLIGHT,
     )
-    totals: dict[str, Any] = {
-        "rows": 0,
-        "ok": 0,
-        "errors": Counter(),
-        "output_tokens": 0,
-        "decode_s": 0.0,
-        "infer_s": 0.0,
-        "shards": 0,
-    }
-    started = time.perf_counter()
-    for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in stats.to_pylist():
-            totals["rows"] += row["rows"]
-            totals["ok"] += row["ok"]
-            totals["errors"].update(json.loads(row["errors"]))
-            totals["output_tokens"] += row["output_tokens"]
-            totals["decode_s"] += row["decode_s"]
-            totals["infer_s"] += row["infer_s"]
-            totals["shards"] += 1
-            if progress is not None:
-                progress.add(row["rows"], row["ok"], row["output_tokens"])
-    totals["wall_s"] = time.perf_counter() - started
-    return totals
+    return ds
+
+
+def committed_note(plan: CaptionPlan, progress: ProgressLine | None) -> str:
+    """How far the job got, for a fault's line: "12/40 rows committed in out/", counted in the output
+    folder (or, when it cannot be read, at least what the earlier runs and the progress line counted)."""
+    try:
+        done = committed_ids(plan.output, plan.config.id_column)
+        count = int(plan.keep.contains(done).sum()) if plan.keep is not None else len(IdSet(done))
+        return f"{count}/{plan.total_rows} rows committed in {plan.output.uri}"
+    except Exception:
+        count = plan.total_rows - plan.remaining + (progress.rows if progress is not None else 0)
+        return f"at least {count}/{plan.total_rows} rows committed in {plan.output.uri}"
 
 
 def finish_caption_job(plan: CaptionPlan, totals: dict[str, Any], started_at: float) -> dict[str, Any]:

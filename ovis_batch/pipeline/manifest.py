@@ -2,7 +2,8 @@
 
 A manifest is a Parquet file, a folder of them (searched recursively; names starting with `_` or `.`
 are not data) or a glob, on any filesystem pyarrow opens (local, s3://, gs://, hdfs://) or fsspec
-opens. The ids are scanned once, streaming, one id column batch at a time, keeping only 16-byte hashes:
+opens, through `ovis_batch.storage`; relative image paths are relative to the manifest file on the same
+store (`resolve_image_ref`). The ids are scanned once, streaming, one id column batch at a time, keeping only 16-byte hashes:
 duplicate or null ids are an error before work starts (the documented policy; a dataset with two rows
 of one id has no exactly-once answer), and `--limit N` becomes the set of the first N ids in file order.
 """
@@ -10,8 +11,6 @@ of one id has no exactly-once answer), and `--limit N` becomes the set of the fi
 from __future__ import annotations
 
 import fnmatch
-import os
-import posixpath
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 
 from ovis_batch.errors import UsageError
 from ovis_batch.pipeline.output import IdSet, as_keys, id_hashes
+from ovis_batch.storage import Location, is_uri, location
 
 
 class ManifestError(UsageError, ValueError):
@@ -30,64 +30,57 @@ class ManifestError(UsageError, ValueError):
 @dataclass(frozen=True)
 class Manifest:
     uri: str
-    fs: pafs.FileSystem
-    files: list[str]
+    location: Location  # the file, folder or glob's base folder; its filesystem holds every file
+    files: list[str]  # paths on `location.fs`
     schema: pa.Schema
     rows: int
 
-
-def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow's own filesystems where they exist, fsspec's (wrapped) for the rest."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self.location.fs
 
 
 def _is_data(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith(("_", "."))
 
 
-def find_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    fs, path = filesystem_for(uri)
+def find_files(uri: str) -> tuple[Location, list[str]]:
+    """The manifest's root location and its data files (paths on the root's filesystem), sorted."""
+    where = location(uri)
+    path = where.path
     if any(ch in path for ch in "*?["):
-        base = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        base = where.at(path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/")
         files = sorted(
             i.path
-            for i in infos
+            for i in base.list(recursive=True)
             if i.type == pafs.FileType.File
             and fnmatch.fnmatch(i.path, path)
             and not i.base_name.startswith(("_", "."))
         )
+        where = base
     else:
-        info = fs.get_file_info(path)
+        info = where.info()
         if info.type == pafs.FileType.NotFound:
             raise ManifestError(f"manifest {uri} does not exist")
         if info.type == pafs.FileType.File:
             files = [path]
         else:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             files = sorted(
                 i.path
-                for i in infos
+                for i in where.list(recursive=True)
                 if i.type == pafs.FileType.File
                 and _is_data(i.base_name)
                 and not any(part.startswith(("_", ".")) for part in i.path[len(path) :].split("/")[:-1])
             )
     if not files:
         raise ManifestError(f"manifest {uri} holds no .parquet files")
-    return fs, files
+    return where, files
 
 
 def open_manifest(uri: str, required: list[str]) -> Manifest:
     """Find the files and check that every one has the required columns with one schema."""
-    fs, files = find_files(str(uri))
+    root, files = find_files(str(uri))
+    fs = root.fs
     schema, rows = None, 0
     for path in files:
         try:
@@ -104,7 +97,7 @@ def open_manifest(uri: str, required: list[str]) -> Manifest:
         if schema is None:
             schema = file_schema
         rows += meta.num_rows
-    return Manifest(str(uri), fs, files, schema, rows)
+    return Manifest(str(uri), root, files, schema, rows)
 
 
 def scan_ids(manifest: Manifest, id_column: str, limit: int | None = None) -> tuple[IdSet | None, int]:
@@ -152,9 +145,9 @@ def _ids_with_keys(manifest: Manifest, id_column: str, keys: set) -> list:
     return found[:5]
 
 
-def resolve_image_ref(ref: str, manifest_file: str) -> str:
-    """A relative path is relative to the folder of the manifest file that names it."""
-    if "://" in ref or ref.startswith("/"):
-        return ref
-    base = posixpath.dirname(manifest_file)
-    return posixpath.normpath(posixpath.join(base, ref))
+def resolve_image_ref(ref: str, manifest_file: Location) -> Location:
+    """Where an image column's value points: a URI as it is, an absolute path on the local disk of the
+    worker, a relative path relative to the folder of the manifest file that names it (on its store)."""
+    if is_uri(ref) or ref.startswith("/"):
+        return location(ref)
+    return manifest_file.parent.join(ref)

@@ -14,16 +14,18 @@ mode is paired with a datasink that cleans orphans; keeping the data file itself
 such window and needs nothing but the output folder.
 
 Files: `part-<digest>.parquet` (data), `_job.json` (what produced the folder, written first),
-`_run.json` (the summary of the last run, written last), `_tmp/` (in-flight shards).
+`_run.json` (the summary of the last run, written last), `_tmp/` (in-flight shards; what a killed run
+left there is removed when the next run starts), `_lease.json` (the job that holds the folder now:
+one job per output folder at a time, see `ovis_batch.lease`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +35,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ovis_batch.errors import UsageError
+from ovis_batch.lease import Lease
+from ovis_batch.storage import Location, StorageError, location
 
 METADATA_KEY = b"ovis_batch"
 JOB_FILE = "_job.json"
 RUN_FILE = "_run.json"
 TMP_DIR = "_tmp"
+LEASE_FILE = "_lease.json"
 SHARD_PREFIX = "part-"
 
 
@@ -73,87 +78,89 @@ def output_schema(
 
 @dataclass(frozen=True)
 class OutputFolder:
-    """A local path or URI (s3://, gs://, ...) opened through pyarrow's filesystems."""
+    """A local folder or URI (s3://, gs://, ...), opened through `ovis_batch.storage`."""
 
-    uri: str
-    fs: pafs.FileSystem
-    path: str
+    location: Location
 
     @classmethod
-    def open(cls, uri: str | os.PathLike) -> OutputFolder:
-        text = str(uri)
-        if "://" in text:
-            fs, path = pafs.FileSystem.from_uri(text)
-        else:
-            fs, path = pafs.LocalFileSystem(), os.path.abspath(text)
-        return cls(text, fs, path.rstrip("/"))
+    def open(cls, uri: str | os.PathLike | Location) -> OutputFolder:
+        """The folder at a local path or URI (nothing is created yet)."""
+        return cls(location(uri))
 
-    def join(self, *parts: str) -> str:
-        return "/".join([self.path, *parts])
+    @property
+    def uri(self) -> str:
+        """The folder's URI (an absolute path for local folders)."""
+        return self.location.uri
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The filesystem shard paths are opened with."""
+        return self.location.fs
+
+    def file(self, *parts: str) -> Location:
+        """A file (or folder) inside the output folder."""
+        return self.location.join(*parts)
 
     def prepare(self) -> None:
         """Create the folder and prove that it is writable (a probe write) before any work starts."""
-        probe = self.join(TMP_DIR, f".probe-{uuid.uuid4().hex}")
         try:
-            self.fs.create_dir(self.join(TMP_DIR), recursive=True)
-            with self.fs.open_output_stream(probe) as fh:
-                fh.write(b"ok")
-            self.fs.delete_file(probe)
-        except Exception as exc:
-            raise OutputError(
-                f"output folder {self.uri} cannot be written ({type(exc).__name__}: {exc})"
-            ) from exc
+            self.location.check_writable("output folder")
+            self.file(TMP_DIR).make_dirs()
+        except StorageError as exc:
+            raise OutputError(str(exc)) from exc
+
+    def remove_temporaries(self) -> int:
+        """Delete what an interrupted run left in `_tmp/` (only while holding the folder's lease: another
+        job's in-flight shards live there too)."""
+        stale = self.file(TMP_DIR).files(recursive=True)
+        for path in stale:
+            path.delete()
+        return len(stale)
+
+    @contextlib.contextmanager
+    def hold(
+        self, *, timeout_s: float, wait: bool = False, notify: Callable[[str], None] | None = None
+    ) -> Iterator[Lease]:
+        """One job per output folder: check that it is writable, take its lease (`ovis_batch.lease`; renewed
+        while held), remove what an interrupted run left in `_tmp/`; release the lease at the end."""
+        self.prepare()
+        lease = Lease(
+            self.file(LEASE_FILE),
+            what="caption job",
+            timeout_s=timeout_s,
+            wait=wait,
+            busy_hint="wait for it to finish, or pass --wait-for-lease to wait for it",
+            notify=notify,
+        )
+        with lease:
+            self.remove_temporaries()
+            yield lease
 
     def shard_paths(self) -> list[str]:
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        except Exception as exc:
+            files = self.location.files()
+        except StorageError as exc:
             raise OutputError(f"cannot list output folder {self.uri}: {exc}") from exc
-        return sorted(
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.File
-            and i.base_name.startswith(SHARD_PREFIX)
-            and i.base_name.endswith(".parquet")
-        )
+        return [f.path for f in files if f.name.startswith(SHARD_PREFIX) and f.name.endswith(".parquet")]
 
     def read_json(self, name: str) -> dict | None:
         try:
-            with self.fs.open_input_stream(self.join(name)) as fh:
-                return json.loads(fh.read())
+            return json.loads(self.file(name).read_bytes())
         except FileNotFoundError:
             return None
 
     def write_json(self, name: str, data: dict) -> None:
         """Atomic on local disks (temporary name, then rename) and on object stores (one PUT)."""
         payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
-        atomic_write(self.fs, self.join(name), self.join(TMP_DIR, f"{name}.{uuid.uuid4().hex}"), payload)
+        self.file(name).write_bytes(payload, staging=self.file(TMP_DIR))
 
     def clear(self) -> None:
         """`--overwrite`: remove our files (shards, job and run records, temporaries); nothing else."""
         for path in self.shard_paths():
-            self.fs.delete_file(path)
+            self.location.at(path).delete()
         for name in (JOB_FILE, RUN_FILE):
-            if self.fs.get_file_info(self.join(name)).type == pafs.FileType.File:
-                self.fs.delete_file(self.join(name))
-        if self.fs.get_file_info(self.join(TMP_DIR)).type == pafs.FileType.Directory:
-            self.fs.delete_dir_contents(self.join(TMP_DIR))
-
-
-def _is_object_store(fs: pafs.FileSystem) -> bool:
-    return not isinstance(fs, pafs.LocalFileSystem)
-
-
-def atomic_write(fs: pafs.FileSystem, final: str, tmp: str, payload: bytes) -> None:
-    if _is_object_store(fs):
-        with fs.open_output_stream(final) as fh:  # a single object PUT/multipart: visible only when complete
-            fh.write(payload)
-        return
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+            self.file(name).delete()
+        self.remove_temporaries()
 
 
 def shard_name(ids: list[str]) -> str:
@@ -172,13 +179,9 @@ def write_shard(folder: OutputFolder, table: pa.Table, id_column: str, metadata:
     name = shard_name([str(v) for v in table.column(id_column).to_pylist()])
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    atomic_write(
-        folder.fs,
-        folder.join(name),
-        folder.join(TMP_DIR, f"{name}.{uuid.uuid4().hex}"),
-        sink.getvalue().to_pybytes(),
-    )
-    return folder.join(name)
+    target = folder.file(name)
+    target.write_bytes(sink.getvalue().to_pybytes(), staging=folder.file(TMP_DIR))
+    return target.path
 
 
 def iter_committed(folder: OutputFolder, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
@@ -260,5 +263,5 @@ def repair_duplicates(folder: OutputFolder, id_column: str) -> int:
         dropped += int(duplicate.sum())
         if keep.num_rows:
             write_shard(folder, keep, id_column, json.loads(full.schema.metadata[METADATA_KEY]))
-        folder.fs.delete_file(path)
+        folder.location.at(path).delete()
     return dropped

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from ovis_batch.model.preprocess import PATCH_DIM, ImageInputError, PreparedImage
+from ovis_batch.storage import Location
 
 # Columns between the stages (besides the id and pass-through columns).
 INTERNAL_FIELDS = [
@@ -57,18 +58,14 @@ def check_rows(stage: str, id_column: str, before: pa.Table, after: pa.Table) ->
         )
 
 
-def _fetch(ref: str) -> bytes:
-    from ovis_batch.pipeline.manifest import filesystem_for
-
+def _fetch(image: Location) -> bytes:
     try:
-        fs, path = filesystem_for(ref)
-        with fs.open_input_stream(path) as fh:
-            return fh.read()
+        return image.read_bytes()
     except FileNotFoundError as exc:
-        raise ImageInputError("file_not_found", f"{ref} does not exist") from exc
+        raise ImageInputError("file_not_found", f"{image.uri} does not exist") from exc
     except Exception as exc:
         raise ImageInputError(
-            "fetch_error", f"{ref} could not be read ({type(exc).__name__}: {exc})"
+            "fetch_error", f"{image.uri} could not be read ({type(exc).__name__}: {exc})"
         ) from exc
 
 
@@ -83,7 +80,7 @@ class DecodeStage:
         prompt: str,
         prompt_column: str | None,
         passthrough: list[pa.Field],
-        manifest_scheme: str,
+        manifest: Location | None,
         input_kind: str,
         min_pixels: int,
         max_pixels: int,
@@ -95,7 +92,7 @@ class DecodeStage:
         self.id_column, self.image_column = id_column, image_column
         self.prompt, self.prompt_column = prompt, prompt_column
         self.passthrough = passthrough
-        self.scheme = manifest_scheme
+        self.manifest = manifest  # its filesystem holds the files named by the `path` column
         self.input_kind = input_kind
         self.min_pixels, self.max_pixels, self.pixel_ceiling, self.fast = (
             min_pixels,
@@ -121,24 +118,26 @@ class DecodeStage:
         return batch.filter(pa.array(mask))
 
     def _source(self, value: Any, manifest_file: str) -> bytes | str:
+        """The image's bytes, or its path when it is a local file (decoders read local files lazily)."""
         from ovis_batch.pipeline.manifest import resolve_image_ref
+        from ovis_batch.storage import StorageError, location
 
         if isinstance(value, bytes | bytearray | memoryview):
             return bytes(value)
         if not isinstance(value, str) or not value:
             raise ImageInputError("missing_image", f"the {self.image_column!r} value is empty")
-        if self.scheme and "://" not in manifest_file:
-            manifest_file = f"{self.scheme}://{manifest_file}"
-        ref = resolve_image_ref(value, manifest_file)
-        return ref if "://" not in ref or ref.startswith("file://") else _fetch(ref)
+        try:
+            base = self.manifest.at(manifest_file) if self.manifest is not None else location(manifest_file)
+            image = resolve_image_ref(value, base)
+        except StorageError as exc:
+            raise ImageInputError("bad_image_ref", f"{value!r}: {exc}") from exc
+        return image.local_path() if image.is_local else _fetch(image)
 
     def prepare_one(self, value: Any, manifest_file: str) -> tuple[np.ndarray, list[int], list[int | None]]:
         from ovis_batch.model.images import decode_image
         from ovis_batch.model.preprocess import prepare_image, smart_resize
 
         source = self._source(value, manifest_file)
-        if isinstance(source, str) and source.startswith("file://"):
-            source = source.removeprefix("file://")
         decoded = decode_image(
             source, max_pixels=self.max_pixels, fast=self.fast, pixel_ceiling=self.pixel_ceiling
         )

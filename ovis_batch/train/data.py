@@ -34,6 +34,7 @@ from ovis_batch.model.preprocess import HIDDEN_STRIDE, ImageInputError
 from ovis_batch.model.prompts import IMAGE_SUMMARY_PROMPT, TEXT_SUMMARY_PROMPT, PromptBuilder
 from ovis_batch.pipeline.manifest import ManifestError, open_manifest
 from ovis_batch.pipeline.stages import DecodeStage
+from ovis_batch.storage import Location
 
 IGNORE = -100
 FILE_COLUMN = "__file"  # the Parquet file a pair came from (relative image paths resolve against it)
@@ -55,7 +56,7 @@ class Pairs:
     id_column: str
     image_column: str
     caption_column: str
-    scheme: str  # the URI scheme of the Parquet files ("" for local paths)
+    root: Location  # where the Parquet files are: its filesystem opens the FILE_COLUMN paths
     fingerprint: list[dict[str, Any]]  # name, size and modification time of each file
 
 
@@ -76,8 +77,7 @@ def read_pairs(uri: str, *, id_column: str, image_column: str, caption_column: s
         mtime = info.mtime.timestamp() if info.type == pafs.FileType.File and info.mtime else None
         fingerprint.append({"file": path, "size": info.size, "mtime": mtime})
     table = pa.concat_tables(parts, promote_options="permissive")
-    scheme = manifest.uri.split("://", 1)[0] if "://" in manifest.uri else ""
-    return Pairs(uri, table, id_column, image_column, caption_column, scheme, fingerprint)
+    return Pairs(uri, table, id_column, image_column, caption_column, manifest.location, fingerprint)
 
 
 class PairImages:
@@ -87,7 +87,7 @@ class PairImages:
         self,
         *,
         image_column: str,
-        scheme: str,
+        root: Location | None,
         min_pixels: int,
         max_pixels: int,
         pixel_ceiling: int,
@@ -99,7 +99,7 @@ class PairImages:
             prompt="",
             prompt_column=None,
             passthrough=[],
-            manifest_scheme=scheme,
+            manifest=root,
             input_kind="patches",
             min_pixels=min_pixels,
             max_pixels=max_pixels,

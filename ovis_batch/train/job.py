@@ -29,6 +29,7 @@ from typing import Any
 
 from ovis_batch.checkpoints.layout import TRAINER_STATE, training_run_checkpoints
 from ovis_batch.errors import UsageError
+from ovis_batch.storage import Location, local_path, location
 from ovis_batch.train.data import (
     ExampleBuilder,
     PairImages,
@@ -100,17 +101,16 @@ def _model_identity(source: str) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(
             f"{folder}: fine-tuning supports Ovis2.5 checkpoints; model_type is {identity['model_type']!r}"
         )
-    local = Path(source).expanduser()
+    local = Path(source).expanduser()  # a URI was refused by model_identity
     name = str(local.resolve()) if local.exists() else source
     return folder, {"source": name, "weights_sha256": identity["weights_sha256"]}
 
 
 def _run_record(data: str, pairs: Pairs, model: dict[str, Any], settings: FinetuneConfig) -> dict[str, Any]:
-    local = Path(data).expanduser()
     return {
         "format": RUN_FORMAT,
         "model": model,
-        "data": {"uri": str(local.resolve()) if local.exists() else data, "files": pairs.fingerprint},
+        "data": {"uri": location(data).uri, "files": pairs.fingerprint},
         "settings": settings.model_dump(mode="json"),
     }
 
@@ -151,7 +151,8 @@ def plan_finetune(
     """Check everything that can be checked before training; then prepare the run folder."""
     if resume and overwrite:
         raise RunFolderError("--resume continues the run in the folder and --overwrite deletes it: pick one")
-    run_dir = Path(output).expanduser()
+    # The Trainer and DeepSpeed write checkpoints as local files: an object-store URI is refused here.
+    run_dir = Path(local_path(output, "run folder", "the Trainer writes its checkpoints as local files"))
     state = _folder_state(run_dir)
     if state == "other" and not overwrite:
         raise RunFolderError(
@@ -222,7 +223,7 @@ def _scan(plan: FinetunePlan, pairs: Pairs) -> PairScan:
 
     settings = plan.settings
     builder = example_builder(settings, load_tokenizer(plan.model_dir), chat_template(plan.model_dir))
-    scan = scan_pairs(pairs, pair_images(settings, pairs.scheme), builder, workers=settings.scan_workers)
+    scan = scan_pairs(pairs, pair_images(settings, pairs.root), builder, workers=settings.scan_workers)
     if not scan.rows:
         raise PairsError(
             f"none of the {scan.total} pairs in {plan.data} can be used "
@@ -237,10 +238,10 @@ def _scan(plan: FinetunePlan, pairs: Pairs) -> PairScan:
     return scan
 
 
-def pair_images(settings: FinetuneConfig, scheme: str) -> PairImages:
+def pair_images(settings: FinetuneConfig, root: Location) -> PairImages:
     return PairImages(
         image_column=settings.image_column,
-        scheme=scheme,
+        root=root,
         min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels,
         pixel_ceiling=settings.pixel_ceiling,

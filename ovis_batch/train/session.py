@@ -124,7 +124,7 @@ def build_trainer(plan: FinetunePlan, pairs: Pairs | None = None) -> OvisTrainer
         caption_column=settings.caption_column,
     )
     builder = example_builder(settings, model.tokenizer, model.prompts.chat_template)
-    dataset = PairDataset(pairs, plan.scan, pair_images(settings, pairs.scheme), builder)
+    dataset = PairDataset(pairs, plan.scan, pair_images(settings, pairs.root), builder)
     return OvisTrainer(
         model=wrapper,
         args=args,

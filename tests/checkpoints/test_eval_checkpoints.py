@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
 import os
 import shutil
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,7 +22,6 @@ from ovis_batch.model.checkpoint import CheckpointError
 
 def fake_evaluation(checkpoint, cider: float, error_rate: float) -> None:
     """What the evaluation leaves behind, reduced to the parts the trend reads."""
-    checkpoint.eval_dir.mkdir(parents=True)
     document = {
         "metrics": {
             "CIDEr-D": {"value": cider, "higher_is_better": True},
@@ -28,7 +29,7 @@ def fake_evaluation(checkpoint, cider: float, error_rate: float) -> None:
         },
         "health": {"metrics": {"error rate": {"value": error_rate, "higher_is_better": False}}},
     }
-    (checkpoint.eval_dir / "metrics.json").write_text(json.dumps(document))
+    checkpoint.eval_dir.join("metrics.json").write_text(json.dumps(document))
 
 
 def test_trend_report_puts_every_metric_beside_the_training_loss(trainer_run, tmp_path):
@@ -113,3 +114,46 @@ def test_eval_checkpoints_over_a_run_of_three_checkpoints(trainer_run, tmp_path,
 
     assert main(command) == 0  # nothing changed: every checkpoint is skipped, the trend rewritten
     assert capsys.readouterr().out.count("already scored, skipped") == 3
+
+
+@pytest.mark.slow  # a batch job on a local Ray, ~50 s; tests/bench cover bench run and the trend reading its report
+def test_eval_checkpoints_scores_a_checkpoint_on_a_benchmark_suite(trainer_run, tmp_path, photos, capsys):
+    """`--bench`: the suite's report is the checkpoint's evaluation; the trend has a row per benchmark metric."""
+    run = shutil.copytree(trainer_run.run_dir, tmp_path / "run")
+    for step in (1, 2):
+        shutil.rmtree(run / f"checkpoint-{step}")  # one checkpoint is enough to see the wiring
+    buffer = io.BytesIO()
+    Image.fromarray(photos["coffee"]).resize((48, 48)).save(buffer, "PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    rows = [
+        {
+            "index": i,
+            "image": image,
+            "question": f"Is there a cup {i}?",
+            "answer": "Yes" if i % 2 else "No",
+            "category": ["adversarial", "random"][i % 2],
+        }
+        for i in range(6)
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "POPE.tsv", sep="\t", index=False)
+    suite = tmp_path / "bench.yaml"
+    suite.write_text(
+        "settings: {max_new_tokens: 4, min_pixels: 1024, max_pixels: 16384, decode_workers: 1, device: cpu}\n"
+        f"benchmarks:\n  - {{name: POPE, file: {tmp_path / 'POPE.tsv'}}}\n"
+    )
+    report = tmp_path / "report"
+    command = ["eval-checkpoints", str(run), "--bench", str(suite), "--report", str(report)]
+    assert main(command) == 0
+    evaluation = report / "checkpoints" / "checkpoint-3" / "eval"
+    assert json.loads((evaluation / "metrics.json").read_text())["benchmarks"]["POPE"]["questions"] == 6
+    predictions = pq.read_table(evaluation / "POPE" / "predictions").column("index").to_pylist()
+    assert sorted(predictions) == [str(i) for i in range(6)]
+    trend = json.loads((report / "trend.json").read_text())
+    assert {"POPE accuracy", "POPE F1", "POPE yes ratio", "error rate"} <= set(trend["metrics"])
+    assert "[checkpoint-3](checkpoints/checkpoint-3/eval/report.md)" in (report / "trend.md").read_text()
+    capsys.readouterr()
+    assert main(command) == 0  # scored: skipped
+    assert "already scored, skipped" in capsys.readouterr().out
+    assert (
+        main(["eval-checkpoints", str(run), "--bench", str(suite), "--manifest", "x", "--report", "r"]) == 2
+    )

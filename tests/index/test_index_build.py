@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
+import os
 
 import faiss
 import numpy as np
@@ -21,6 +21,8 @@ from ovis_batch.index.reader import open_embedding_input
 from ovis_batch.index.search import RetrievalIndex
 from ovis_batch.index.settings import IndexSettings
 from ovis_batch.index.synthetic import clustered_unit_vectors
+from ovis_batch.lease import Lease, LeaseHeldError
+from ovis_batch.storage import location
 from workflows.build_index import add_to_index, build_index
 
 
@@ -174,7 +176,7 @@ def test_a_failed_add_leaves_the_index_exactly_as_it_was(
     with pytest.raises(EmbeddingInputError, match=r"row 'img000000250' has a NaN"):
         add_to_index(tmp_path / "d2", tmp_path / "idx", settings.model_copy(update={"batch_rows": 100}))
     assert folder_bytes(tmp_path / "idx") == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.lock", "d1", "d2", "idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d1", "d2", "idx"]  # staging and lease gone
 
 
 def test_bad_vectors_can_be_skipped_and_are_recorded(tmp_path, write_table, settings):
@@ -251,10 +253,13 @@ def test_missing_or_inconsistent_index_folders_are_named(tmp_path, write_output,
 def test_a_second_writer_is_refused_while_one_holds_the_lock(tmp_path, write_output, small_vectors, settings):
     write_output(tmp_path / "emb", small_vectors[:50])
     build_index(tmp_path / "emb", tmp_path / "idx", settings)
-    with open(tmp_path / ".idx.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(IndexFolderError, match="another build or add is writing"):
-            add_to_index(tmp_path / "emb", tmp_path / "idx", settings)
+    lock = location(tmp_path / ".idx.lock")
+    held = Lease(lock, what="index build or add", timeout_s=30, subject=location(tmp_path / "idx"))
+    busy = rf"{tmp_path}/idx is in use by another index build or add: host .*, pid {os.getpid()}"
+    with held, pytest.raises(LeaseHeldError, match=busy):
+        add_to_index(tmp_path / "emb", tmp_path / "idx", settings)
+    assert not lock.exists()  # released
+    assert add_to_index(tmp_path / "emb", tmp_path / "idx", settings).count == 50
 
 
 def test_recall_under_the_floor_is_warned_and_recorded(tmp_path, write_output, caplog):

@@ -3,10 +3,8 @@ and the union of shards holds every manifest id exactly once."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -37,19 +35,7 @@ def committed(output: Path) -> list[str]:
     return ids
 
 
-def kill_everything(job: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started (Ray's GCS, raylet, workers) at once: a lost machine."""
-    import psutil  # a dependency of Ray
-
-    processes = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
-    job.wait()
-
-
-def test_sigkill_midway_then_resume(tmp_path, tiny_checkpoint, photos):
+def test_sigkill_midway_then_resume(tmp_path, tiny_checkpoint, photos, kill_process_tree):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(N_ROWS):
@@ -85,7 +71,7 @@ def test_sigkill_midway_then_resume(tmp_path, tiny_checkpoint, photos):
             assert time.monotonic() < deadline, "no shard committed within 240 s"
             time.sleep(0.2)
     finally:
-        kill_everything(job)
+        kill_process_tree(job)
     before = committed(output)
     assert 6 <= len(before) < N_ROWS, "the kill must land midway"
     assert len(before) == len(set(before))

@@ -30,7 +30,7 @@ def decode_stage(**overrides) -> DecodeStage:
         "prompt": "Describe.",
         "prompt_column": None,
         "passthrough": [],
-        "manifest_scheme": "",
+        "manifest": None,
         "input_kind": "patches",
         "min_pixels": 4096,
         "max_pixels": 65536,

@@ -234,7 +234,8 @@ def test_kill_and_ctrl_c_midway_then_resume(tmp_path, photos, vllm_checkpoint, v
     os.killpg(job.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == 130, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: the rows committed to")
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted (Ctrl-C); ") and "rerun the same command to resume" in last
     assert "Traceback" not in stderr and "Traceback" not in stdout
     _, alive = psutil.wait_procs(engines, timeout=60)
     assert not alive, f"engine processes outlived the interrupted job: {[p.pid for p in alive]}"

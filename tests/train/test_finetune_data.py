@@ -31,8 +31,8 @@ PROMPT = "Describe this image in one or two sentences."
 PIXELS = {"min_pixels": 32 * 32, "max_pixels": 128 * 128}
 
 
-def images(scheme: str = "") -> PairImages:
-    return PairImages(image_column="image", scheme=scheme, pixel_ceiling=10**8, fast=True, **PIXELS)
+def images() -> PairImages:
+    return PairImages(image_column="image", root=None, pixel_ceiling=10**8, fast=True, **PIXELS)
 
 
 def builder(model, **options) -> ExampleBuilder:

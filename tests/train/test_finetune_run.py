@@ -67,7 +67,7 @@ def fixed_batch_losses(run: Run, folder) -> dict[str, float]:
     build = example_builder(settings, model.tokenizer, model.prompts.chat_template)
     scan = PairScan.load(run.run_dir / "finetune_pairs.parquet")
     assert len(scan.rows) == len(CAPTIONS)
-    dataset = PairDataset(pairs, scan, pair_images(settings, pairs.scheme), build)
+    dataset = PairDataset(pairs, scan, pair_images(settings, pairs.root), build)
     batch = PairCollator(build.pad_id)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         out = wrapped(**batch)

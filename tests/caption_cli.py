@@ -1,0 +1,53 @@
+"""For tests that run the caption job as a user does, in a process of its own: a manifest of real photos
+referred to by relative paths, the `ovis-batch caption` command line, and the ids an output holds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+def photo_manifest(
+    folder: Path, photos: dict[str, np.ndarray], rows: int, *, id_format: str = "img-{:03d}", size=None
+) -> Path:
+    """`rows` JPEGs of the photos in turn (resized to `size` when given), and a manifest naming them by
+    paths relative to it; ids `id_format.format(i)`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(photos)
+    table = []
+    for i in range(rows):
+        image = Image.fromarray(photos[names[i % len(names)]])
+        (image.resize(size) if size else image).save(folder / f"{i:03d}.jpg", quality=90)
+        table.append({"image_id": id_format.format(i), "image": f"{i:03d}.jpg"})
+    pq.write_table(pa.Table.from_pylist(table), folder / "manifest.parquet")
+    return folder / "manifest.parquet"
+
+
+def caption_command(manifest: Path, output: Path, model: Path, *args: str) -> list[str]:
+    """`python -m ovis_batch.cli caption --manifest ... --output ... --model ...` and `args`."""
+    return [
+        sys.executable,
+        "-m",
+        "ovis_batch.cli",
+        "caption",
+        "--manifest",
+        str(manifest),
+        "--output",
+        str(output),
+        "--model",
+        str(model),
+        *args,
+    ]
+
+
+def committed_ids(output: Path, id_column: str = "image_id") -> list[str]:
+    """Every id in the output's committed shards, duplicates included."""
+    ids = []
+    for shard in sorted(Path(output).glob("part-*.parquet")):
+        ids += pq.read_table(shard, columns=[id_column]).column(0).to_pylist()
+    return ids
