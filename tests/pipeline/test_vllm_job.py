@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from caption_cli import caption_command, committed_ids
 from PIL import Image
 
 pytestmark = pytest.mark.vllm
@@ -57,13 +57,6 @@ def manifest(tmp_path_factory, photos) -> Path:
     path = tmp_path_factory.mktemp("manifest") / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
-
-
-def caption_command(manifest: Path, output: Path, model: Path, *settings: str) -> list[str]:
-    return [
-        *[sys.executable, "-m", "ovis_batch.cli", "caption", "--manifest", str(manifest)],
-        *["--output", str(output), "--model", str(model), *settings],
-    ]
 
 
 def run_job(command: list[str]) -> subprocess.CompletedProcess:
@@ -139,7 +132,6 @@ def test_releasing_the_model_stage_stops_its_engine(manifest, vllm_checkpoint, v
     from ovis_batch.pipeline.stages import VllmCaptionPredictor
 
     def run_one_batch() -> list[psutil.Process]:
-        before = {p.pid for p in psutil.Process().children(recursive=True)}
         stage = VllmCaptionPredictor(
             model_source=str(vllm_checkpoint),
             id_column="image_id",
@@ -163,7 +155,7 @@ def test_releasing_the_model_stage_stops_its_engine(manifest, vllm_checkpoint, v
         with asyncio.Runner() as runner:
             out = runner.run(stage(batch))
         assert out.column("status").to_pylist() == ["ok", "ok", "ok", "error", "error"]
-        return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        return engine_processes(os.getpid())
 
     engine = run_one_batch()
     assert engine, "vLLM runs its engine in processes of its own"
@@ -172,17 +164,10 @@ def test_releasing_the_model_stage_stops_its_engine(manifest, vllm_checkpoint, v
     assert not alive, f"the dropped stage's engine still runs: {[p.pid for p in alive]}"
 
 
-def committed(output: Path) -> list[str]:
-    ids: list[str] = []
-    for shard in sorted(output.glob("part-*.parquet")):
-        ids += pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()
-    return ids
-
-
-def engine_processes(job: subprocess.Popen) -> list[psutil.Process]:
-    """The job's vLLM processes (engine core and workers name themselves `VLLM::...`)."""
+def engine_processes(pid: int) -> list[psutil.Process]:
+    """The vLLM processes below `pid` (its engine core and workers name themselves `VLLM::...`)."""
     found = []
-    for process in psutil.Process(job.pid).children(recursive=True):
+    for process in psutil.Process(pid).children(recursive=True):
         try:
             if process.name().startswith("VLLM::") or "VLLM::" in " ".join(process.cmdline()):
                 found.append(process)
@@ -199,20 +184,20 @@ def start_and_wait(command: list[str], output: Path, shards: int) -> tuple[subpr
         command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 600
-    while len(committed(output)) < shards:
+    while len(committed_ids(output)) < shards:
         assert job.poll() is None, "the job finished before it could be stopped; make it longer"
         assert time.monotonic() < deadline, f"fewer than {shards} shards committed within 600 s"
         time.sleep(0.2)
-    engines = engine_processes(job)
+    engines = engine_processes(job.pid)
     assert engines, "the vLLM replica runs its engine in processes of its own"
     return job, engines
 
 
-def test_kill_and_ctrl_c_midway_then_resume(tmp_path, photos, vllm_checkpoint, vllm_replica_device, hf_rows):
+def test_kill_and_ctrl_c_midway_then_resume(
+    tmp_path, photos, vllm_checkpoint, vllm_replica_device, hf_rows, kill_process_tree
+):
     """SIGKILL of everything (a lost machine), then Ctrl-C of the rerun, then a rerun to the end: every
     id exactly once, each row the hf job's row for its photo, and no engine process outliving its job."""
-    from test_resume_after_kill import kill_everything
-
     rows = [
         {"image_id": f"{i}-{k:03d}", "image": jpeg(photos, *PHOTOS[i])} for k in range(40) for i in PHOTOS
     ]
@@ -225,8 +210,8 @@ def test_kill_and_ctrl_c_midway_then_resume(tmp_path, photos, vllm_checkpoint, v
     )
 
     job, engines = start_and_wait(command, output, shards=3)
-    kill_everything(job)
-    killed = committed(output)
+    kill_process_tree(job)
+    killed = committed_ids(output)
     assert 3 <= len(killed) < len(rows) and len(set(killed)) == len(killed)
     assert not any(p.is_running() for p in engines)
 
@@ -239,12 +224,12 @@ def test_kill_and_ctrl_c_midway_then_resume(tmp_path, photos, vllm_checkpoint, v
     assert "Traceback" not in stderr and "Traceback" not in stdout
     _, alive = psutil.wait_procs(engines, timeout=60)
     assert not alive, f"engine processes outlived the interrupted job: {[p.pid for p in alive]}"
-    interrupted = committed(output)
+    interrupted = committed_ids(output)
     assert len(killed) < len(interrupted) < len(rows) and len(set(interrupted)) == len(interrupted)
 
     done = run_job(command)
     summary = json.loads((output / "_run.json").read_text())
-    assert sorted(committed(output)) == sorted(r["image_id"] for r in rows)  # every id, exactly once
+    assert sorted(committed_ids(output)) == sorted(r["image_id"] for r in rows)  # every id, exactly once
     assert summary["skipped_already_done"] == len(interrupted)
     assert summary["this_run"]["rows"] == len(rows) - len(interrupted)
     assert summary["complete"] and summary["duplicates_repaired"] == 0
