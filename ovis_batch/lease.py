@@ -16,8 +16,8 @@ While held, a thread rewrites the record every `timeout_s / 3` with a later expi
 stops renewing and its lease expires `timeout_s` after the last renewal, so a crashed job blocks the
 next one for at most that long; a holder on this very machine (same host name, same process
 namespace) that no longer runs (its pid is gone, or belongs to a process started at another time) is
-known to be dead at once, and its lease is taken over without waiting. A renewal that finds another token (renewals failed for longer than
-`timeout_s` and another job took over) marks the lease lost: `ensure_held` raises before the holder
+known to be dead at once, and its lease is taken over without waiting. A renewal that finds another
+token (renewals failed for longer than `timeout_s` and another job took over) marks the lease lost: `ensure_held` raises before the holder
 writes its final records. Expiry times are the holder's clock (UTC): hosts that share a folder must
 keep their clocks within seconds of each other (NTP).
 """
