@@ -3,14 +3,17 @@ progress, summary), and Ray's output goes to the session's log folder unless `ve
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
 
-from ovis_batch.ray_session import DRIVER_LOG, DRIVER_STDERR
+from ovis_batch.ray_session import DRIVER_LOG, DRIVER_STDERR, OWN_THREADS, _other_output_to
 
 # Lines of Ray's that a quiet run must not show: tracebacks, warnings, the executor's logs and
 # plans, the core's actor-argument message, worker output streamed to the driver.
@@ -115,3 +118,38 @@ def test_ray_output_goes_to_the_log_folder_unless_verbose(mode):
         assert f"Ray logs: {folder}" in run.stderr.splitlines()  # after Ray's start-up warnings
         assert all(line in run.stderr for line in ray_lines), run.stderr
         assert not (folder / DRIVER_STDERR).exists()
+
+
+def test_ray_relay_threads_write_to_the_driver_log_and_the_job_to_the_console(tmp_path, monkeypatch):
+    console_out, console_err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", console_out)
+    monkeypatch.setattr(sys, "stderr", console_err)
+    log = tmp_path / DRIVER_LOG
+
+    def relay():  # what Ray's log-relay thread prints when a node dies
+        print("(raylet) The node with node id: abc and address: 127.0.0.2 has been marked dead")
+        print("(raylet) a state dump", file=sys.stderr)
+
+    def progress():
+        print("progress: 3/24 rows")
+
+    with _other_output_to(log):
+        print("Ray logs: /somewhere")
+        for target, name in ((relay, "ray_print_logs"), (progress, OWN_THREADS[0])):
+            thread = threading.Thread(target=target, name=name)
+            thread.start()
+            thread.join()
+        warnings.warn("ray_remote_args_fn is deprecated", UserWarning, stacklevel=1)
+    print("summary: after the session")
+
+    assert console_out.getvalue().splitlines() == [
+        "Ray logs: /somewhere",
+        "progress: 3/24 rows",
+        "summary: after the session",
+    ]
+    assert console_err.getvalue() == ""
+    logged = log.read_text()
+    assert "(raylet) The node with node id: abc and address: 127.0.0.2 has been marked dead\n" in logged
+    assert "(raylet) a state dump\n" in logged
+    assert "UserWarning: ray_remote_args_fn is deprecated" in logged
+    assert "progress:" not in logged and "Ray logs" not in logged

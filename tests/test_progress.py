@@ -122,3 +122,30 @@ def test_live_progress_writes_the_final_line_when_the_job_fails():
 def test_no_stream_no_progress():
     with live_progress(4, None) as line:
         assert line is None
+
+
+def test_a_label_starts_the_line_and_the_figures_stay_the_same():
+    """A suite running several caption jobs says which one a line counts; without a label the line is
+    the caption job's own, character for character."""
+    plain_log, log, plain_terminal, terminal = (io.StringIO() for _ in range(4))
+    lines = [
+        ProgressLine(8, plain_log, live=False, clock=FakeClock()),
+        ProgressLine(8, log, live=False, clock=FakeClock(), label="MMBench_DEV_EN"),
+        ProgressLine(8, plain_terminal, live=True, clock=FakeClock(), width=200),
+        ProgressLine(8, terminal, live=True, clock=FakeClock(), width=200, label="POPE"),
+    ]
+    for line in lines:
+        line.add(2, 2, 10)
+        line.close()
+    figures = "2/8 rows (25%), 2 ok, 0 error | 0 images/s, 0 output tokens/s | elapsed 0:00, ETA ?"
+    assert plain_log.getvalue() == f"progress: {figures}\n"
+    assert log.getvalue() == f"progress [MMBench_DEV_EN]: {figures}\n"
+    assert plain_terminal.getvalue().split("\r")[-1] == f"[###.........] {figures}\x1b[K\n"
+    assert terminal.getvalue().split("\r")[-1] == f"POPE: [###.........] {figures}\x1b[K\n"
+
+
+def test_live_progress_passes_the_label_on():
+    out = io.StringIO()
+    with live_progress(4, out, interval_s=3600, label="MME") as line:
+        line.add(4, 3, 8)
+    assert out.getvalue().startswith("progress [MME]: 4/4 rows (100%), 3 ok, 1 error |")

@@ -6,25 +6,28 @@
 
 The story of `bench run`, each step delegated to ovis_batch:
 1. read the suite and each benchmark's caption settings, identify the model's weights, read the
-   `--compare` report: everything that can fail does so before any work;
+   `--compare` report, check that the output folder can be written: everything that can fail does so
+   before any work;
 2. for each benchmark, in the suite's order: prepare its folder from the benchmark file (manifest with
    one prompt per question, references), unless it is prepared from the same file already; skip it if
    it is scored already with these weights and settings; else run or resume the caption job on its
    manifest (one Ray session for the whole suite) and score its predictions into its report folder;
 3. write the suite report (report.md, then metrics.json) and print its scores table.
 A killed run, rerun with the same command, resumes: prepared folders are kept, the caption job commits
-only the missing questions, finished benchmarks are not run again.
+only the missing questions, finished benchmarks are not run again. Every location (the output, the
+benchmark files, `--compare`) is a local path or a URI (s3://, gs://, ...), read and written through
+`ovis_batch.storage`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Any
 
-from ovis_batch.bench.prepare import MANIFEST_FILE, PrepareOptions, prepare_benchmark
+from ovis_batch.bench.prepare import PrepareOptions, write_prepared
 from ovis_batch.bench.settings import BenchConfig
+from ovis_batch.bench.source import read_benchmark_file
 from ovis_batch.bench.suite import (
     BenchmarkFolder,
     load_previous_suite,
@@ -39,12 +42,19 @@ from ovis_batch.pipeline.job import reserved_cpus
 from ovis_batch.pipeline.output import OutputError
 from ovis_batch.progress import DEFAULT_INTERVAL_S
 from ovis_batch.ray_session import ray_session
+from ovis_batch.storage import location
 from workflows.caption import run_caption
 
 
 def bench_prepare(source: str, out: str | os.PathLike, options: PrepareOptions) -> dict[str, Any]:
-    """Prepare one benchmark file into `out`; returns what prepared.json records."""
-    return prepare_benchmark(source, out, options)
+    """Prepare one benchmark file into `out`; returns what prepared.json records.
+
+    The file is read, then `out` is checked (a folder that cannot be written is refused before the
+    questions are built), then the manifest, the references and prepared.json are written.
+    """
+    table = read_benchmark_file(source, options.columns)
+    location(out).check_writable("prepared folder")
+    return write_prepared(table, out, options)
 
 
 def bench_run(
@@ -74,14 +84,14 @@ def bench_run(
     }
     previous = load_previous_suite(compare) if compare else None
     weights = model_identity(model)["weights_sha256"]
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = location(output)
+    output.check_writable("output folder")
 
     # 2. Each benchmark: prepared, then captioned (or resumed) and scored, unless finished before.
     reports, log_folder = {}, None
     with contextlib.ExitStack() as ray_scope:
         for benchmark in suite.benchmarks:
-            folder = BenchmarkFolder(output / benchmark.name)
+            folder = BenchmarkFolder(output.join(benchmark.name))
             folder.prepare(benchmark.file, suite.prepare_options(benchmark), overwrite=overwrite)
             stamp = folder.stamp(weights, settings[benchmark.name])
             if folder.is_scored(stamp):
@@ -93,7 +103,7 @@ def bench_run(
                     ray_session(address, num_cpus=cpus, verbose=verbose, announce=False)
                 )
             summary = run_caption(
-                str(folder.root / MANIFEST_FILE),
+                str(folder.manifest),
                 str(folder.predictions),
                 model,
                 overrides=suite.caption_overrides(benchmark, list(overrides)),
@@ -102,6 +112,7 @@ def bench_run(
                 verbose=verbose,
                 progress_interval_s=progress_interval_s,
                 print_summary=False,
+                progress_label=benchmark.name,
             )
             if not summary["complete"]:
                 raise OutputError(
@@ -114,5 +125,5 @@ def bench_run(
     document = write_suite_report(output, suite_document(output, model, reports, previous, compare))
     if not quiet:
         print("\n".join(scores_table(document)))
-        print(f"report: {output / 'report.md'}" + (f"  (Ray logs: {log_folder})" if log_folder else ""))
+        print(f"report: {output.join('report.md')}" + (f"  (Ray logs: {log_folder})" if log_folder else ""))
     return document

@@ -58,6 +58,7 @@ def run_caption(
     progress_interval_s: float = DEFAULT_INTERVAL_S,
     print_summary: bool = True,
     wait_for_lease: bool = False,
+    progress_label: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the caption job; returns the summary that is also saved as `_run.json`.
 
@@ -65,7 +66,8 @@ def run_caption(
     terminal, else a line every `progress_interval_s`), the summary on stdout (unless `print_summary` is
     false: a caller that reports on its own). `verbose`: Ray's own logs and progress bars too. Another
     job running on `output` stops this one at once, naming it, unless `wait_for_lease` (then this one
-    waits for it).
+    waits for it). `progress_label`: shown at the start of the progress line (a caller that runs several
+    jobs in a row says which one the line counts).
     """
     started = time.perf_counter()
     settings: CaptionConfig = load_config(CaptionConfig, config, list(overrides))
@@ -83,7 +85,8 @@ def run_caption(
                 address, num_cpus=reserved_cpus(settings), verbose=verbose, announce=not quiet
             ) as log_folder:
                 check_cluster(plan)
-                totals = _run(plan, log_folder, None if quiet else sys.stderr, progress_interval_s, verbose)
+                stream = None if quiet else sys.stderr
+                totals = _run(plan, log_folder, stream, progress_interval_s, verbose, progress_label)
         lease.ensure_held()
         summary = finish_caption_job(plan, totals, started)
     if not quiet and print_summary:
@@ -97,6 +100,7 @@ def _run(
     stream: TextIO | None,
     progress_interval_s: float,
     verbose: bool,
+    label: str | None,
 ) -> dict[str, Any]:
     """The work itself, under a progress line on `stream`; a fault leaves as one line (`JobFault`)."""
     with (
@@ -105,6 +109,7 @@ def _run(
             stream,
             interval_s=progress_interval_s,
             in_place=False if verbose else None,  # Ray's own bars would fight a line redrawn in place
+            label=label,
         ) as progress,
         faults_in_one_line(lambda: committed_note(plan, progress), log_folder),
     ):

@@ -11,7 +11,8 @@ The prepared folder:
 The task (multiple choice, yes/no, short answer) and the scoring rule are read from the file and its
 name the way VLMEvalKit decides them, unless set. Every question of the file is kept, except rows
 without any image, which VLMEvalKit skips too (they are counted in prepared.json and the reports). A
-row that cannot be used stops the preparation, naming the file, the row and the column.
+row that cannot be used stops the preparation, naming the file, the row and the column. OUT is a local
+folder or a URI (s3://, gs://, ...): every file is written whole through `ovis_batch.storage`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -34,7 +34,7 @@ from ovis_batch.bench.prompts import PROMPT_STYLE, build_prompt, default_instruc
 from ovis_batch.bench.source import BenchmarkFileError, BenchmarkTable, cell_text, read_benchmark_file
 from ovis_batch.eval.answers import FINAL_ANSWER_INSTRUCTION
 from ovis_batch.eval.benchmarks import SCORINGS, TASK_TYPES
-from ovis_batch.storage import location
+from ovis_batch.storage import Location, location
 
 PREPARED_FORMAT = "ovis-batch-bench-prepared/1"
 PREPARED_FILE = "prepared.json"
@@ -66,22 +66,24 @@ class PrepareOptions:
         }
 
 
-def read_prepared(folder: str | os.PathLike) -> dict[str, Any] | None:
+def read_prepared(folder: str | os.PathLike | Location) -> dict[str, Any] | None:
     """The prepared.json of a complete prepared folder, or None."""
     try:
-        document = json.loads((Path(folder) / PREPARED_FILE).read_text())
+        document = json.loads(location(folder).join(PREPARED_FILE).read_bytes())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return document if document.get("format") == PREPARED_FORMAT else None
 
 
-def prepare_benchmark(source: str, out: str | os.PathLike, options: PrepareOptions) -> dict[str, Any]:
+def prepare_benchmark(
+    source: str, out: str | os.PathLike | Location, options: PrepareOptions
+) -> dict[str, Any]:
     """Read `source`, check every row, write the prepared folder `out`; returns prepared.json's content."""
     table = read_benchmark_file(source, options.columns)
     return write_prepared(table, out, options)
 
 
-def prepared_is_current(folder: str | os.PathLike, source: str, options: PrepareOptions) -> bool:
+def prepared_is_current(folder: str | os.PathLike | Location, source: str, options: PrepareOptions) -> bool:
     """The folder was prepared from this very file (same bytes) with these options."""
     document = read_prepared(folder)
     if document is None or document["options"] != options.record():
@@ -90,7 +92,9 @@ def prepared_is_current(folder: str | os.PathLike, source: str, options: Prepare
     return document["source"]["sha256"] == table.sha256
 
 
-def write_prepared(table: BenchmarkTable, out: str | os.PathLike, options: PrepareOptions) -> dict[str, Any]:
+def write_prepared(
+    table: BenchmarkTable, out: str | os.PathLike | Location, options: PrepareOptions
+) -> dict[str, Any]:
     """The prepared folder of an already read benchmark file (see the module docstring)."""
     frame = table.frame
     _require_columns(table)
@@ -139,11 +143,10 @@ def write_prepared(table: BenchmarkTable, out: str | os.PathLike, options: Prepa
     if scoring == "mmbench-circular":
         _require_main_rows(table, references)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PREPARED_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is rewritten
-    _write_parquet(out / MANIFEST_FILE, pa.Table.from_pylist(manifest, schema=_MANIFEST_SCHEMA))
-    _write_parquet(out / REFERENCES_FILE, pa.Table.from_pylist(references, schema=_REFERENCES_SCHEMA))
+    out = location(out)
+    out.join(PREPARED_FILE).delete()  # the folder is incomplete until it is rewritten
+    _write_parquet(out.join(MANIFEST_FILE), pa.Table.from_pylist(manifest, schema=_MANIFEST_SCHEMA))
+    _write_parquet(out.join(REFERENCES_FILE), pa.Table.from_pylist(references, schema=_REFERENCES_SCHEMA))
     document = {
         "format": PREPARED_FORMAT,
         "name": options.name,
@@ -172,7 +175,7 @@ def write_prepared(table: BenchmarkTable, out: str | os.PathLike, options: Prepa
         "files": {"manifest": MANIFEST_FILE, "references": REFERENCES_FILE},
         "prepared_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    location(out).join(PREPARED_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    out.join(PREPARED_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return document
 
 
@@ -376,7 +379,8 @@ _REFERENCES_SCHEMA = pa.schema(
 )
 
 
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, temporary, row_group_size=64)
-    os.replace(temporary, path)
+def _write_parquet(file: Location, table: pa.Table) -> None:
+    """The table as one Parquet file, written whole (a reader never sees a part of it)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=64)
+    file.write_bytes(sink.getvalue().to_pybytes())

@@ -13,24 +13,26 @@ The output folder of `ovis-batch bench run`:
         report/                     metrics.json, report.md, scores.parquet (per question), plots/
 
 A benchmark is finished when `NAME/report/metrics.json` exists and records the same stamp (model
-weights, caption settings, prepared references) as the run now: it is not run again.
+weights, caption settings, prepared references) as the run now: it is not run again. OUT (and a
+`--compare` folder) is a local folder or a URI (s3://, gs://, ...): everything under it is joined, read
+and written through `ovis_batch.storage`.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ovis_batch.bench.prepare import (
     ID_COLUMN,
+    MANIFEST_FILE,
     REFERENCES_FILE,
     PrepareOptions,
     prepare_benchmark,
@@ -56,7 +58,7 @@ from ovis_batch.eval.report import (
 )
 from ovis_batch.eval.tasks import NO_CATEGORY
 from ovis_batch.pipeline.output import RUN_FILE, OutputError
-from ovis_batch.storage import location
+from ovis_batch.storage import Location, StorageError, location
 
 SUITE_FORMAT = "ovis-batch-bench/1"
 PREDICTIONS_DIR = "predictions"
@@ -67,26 +69,30 @@ BENCHMARK_REPORT_DIR = "report"
 class BenchmarkFolder:
     """`OUT/NAME`: one benchmark's prepared files, predictions and report."""
 
-    root: Path
+    root: Location
 
     @property
     def name(self) -> str:
         return self.root.name
 
     @property
-    def predictions(self) -> Path:
-        return self.root / PREDICTIONS_DIR
+    def manifest(self) -> Location:
+        return self.root.join(MANIFEST_FILE)
 
     @property
-    def report_dir(self) -> Path:
-        return self.root / BENCHMARK_REPORT_DIR
+    def predictions(self) -> Location:
+        return self.root.join(PREDICTIONS_DIR)
+
+    @property
+    def report_dir(self) -> Location:
+        return self.root.join(BENCHMARK_REPORT_DIR)
 
     def prepare(self, source: str, options: PrepareOptions, *, overwrite: bool = False) -> None:
         """Prepare the benchmark here unless it is prepared from the same file with the same options; a
         folder whose predictions answer another version of the benchmark is refused (`overwrite`: the
         folder is removed and prepared afresh)."""
-        if overwrite and self.root.exists():
-            shutil.rmtree(self.root)
+        if overwrite:
+            self.root.delete_tree()
         if prepared_is_current(self.root, source, options):
             return
         if self.predictions.exists():
@@ -109,14 +115,14 @@ class BenchmarkFolder:
     def captions_complete(self) -> bool:
         """The caption job's last run over this benchmark committed every question (its `_run.json`)."""
         try:
-            return json.loads((self.predictions / RUN_FILE).read_text()).get("complete") is True
+            return json.loads(self.predictions.join(RUN_FILE).read_bytes()).get("complete") is True
         except (FileNotFoundError, json.JSONDecodeError):
             return False
 
     def report(self) -> dict[str, Any] | None:
         """The benchmark's metrics.json, or None when it has not been scored."""
         try:
-            return json.loads((self.report_dir / METRICS_FILE).read_text())
+            return json.loads(self.report_dir.join(METRICS_FILE).read_bytes())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
@@ -138,18 +144,23 @@ def score_benchmark_folder(
     prepared = read_prepared(folder.root)
     if prepared is None:
         raise EvalInputError(f"{folder.root} is not a prepared benchmark (no complete prepared.json)")
-    references = pd.read_parquet(folder.root / REFERENCES_FILE)
+    references_file = folder.root.join(REFERENCES_FILE)
+    references = pd.read_parquet(io.BytesIO(references_file.read_bytes()))
     predictions = load_predictions(str(folder.predictions), id_column=ID_COLUMN)
     result = score_benchmark(prepared["name"], prepared["task"], prepared["scoring"], predictions, references)
-    previous_dir = Path(previous_suite) / folder.name / BENCHMARK_REPORT_DIR if previous_suite else None
+    previous_dir = (
+        location(previous_suite).join(folder.name, BENCHMARK_REPORT_DIR) if previous_suite else None
+    )
     previous = (
-        load_previous(str(previous_dir)) if previous_dir and (previous_dir / METRICS_FILE).exists() else None
+        load_previous(str(previous_dir))
+        if previous_dir and previous_dir.join(METRICS_FILE).exists()
+        else None
     )
     inputs = {
         "predictions": str(folder.predictions),
         "prediction_files": len(predictions.files),
         "prediction_metadata": predictions.metadata,
-        "references": str(folder.root / REFERENCES_FILE),
+        "references": str(references_file),
         "reference_files": 1,
         "id_column": ID_COLUMN,
         "benchmark": {k: prepared[k] for k in ("name", "source", "task", "scoring", "prompt", "images")}
@@ -171,13 +182,15 @@ def score_benchmark_folder(
 
 def load_previous_suite(path: str) -> dict[str, Any]:
     """The metrics.json of a previous suite output (`--compare`): another night, another checkpoint."""
-    file = Path(path) / METRICS_FILE
+    file = location(path).join(METRICS_FILE)
     try:
-        document = json.loads(file.read_text())
+        document = json.loads(file.read_bytes())
     except FileNotFoundError as exc:
         raise EvalInputError(
             f"--compare {path}: no {METRICS_FILE} there (is it a bench run output?)"
         ) from exc
+    except StorageError as exc:
+        raise EvalInputError(f"--compare {path}: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise EvalInputError(f"--compare {file} is not valid JSON ({exc})") from exc
     if document.get("format") != SUITE_FORMAT:
@@ -188,7 +201,7 @@ def load_previous_suite(path: str) -> dict[str, Any]:
 
 
 def suite_document(
-    output: str | os.PathLike,
+    output: str | os.PathLike | Location,
     model: str,
     reports: Mapping[str, Mapping[str, Any]],
     previous: Mapping[str, Any] | None = None,
@@ -245,7 +258,7 @@ def suite_document(
     return document
 
 
-def write_suite_report(output: str | os.PathLike, document: dict[str, Any]) -> dict[str, Any]:
+def write_suite_report(output: str | os.PathLike | Location, document: dict[str, Any]) -> dict[str, Any]:
     """report.md, then metrics.json (last: it marks a complete suite)."""
     folder = location(output)
     folder.join(REPORT_FILE).write_text(render_suite(document))

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument(
         "bench_file", metavar="BENCH_FILE", help=".tsv (VLMEvalKit's layout) or .parquet; path or URI"
     )
-    prepare.add_argument("out", metavar="OUT", help="the prepared folder to write")
+    prepare.add_argument("out", metavar="OUT", help="the prepared folder to write; path or URI")
     prepare.add_argument("--name", help="the benchmark's name (default: the file name without extension)")
     prepare.add_argument("--task", choices=TASKS, default="auto", help="default: from the columns")
     prepare.add_argument(
@@ -62,11 +62,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--config", required=True, help="the suite (see configs/bench.yaml)")
     run.add_argument("--model", required=True, help="checkpoint folder, training checkpoint or hub id")
-    run.add_argument("--output", required=True, help="output folder (one subfolder per benchmark, report.md)")
+    run.add_argument(
+        "--output", required=True, help="output folder (one subfolder per benchmark, report.md); path or URI"
+    )
     run.add_argument(
         "--compare",
         metavar="PREVIOUS_OUTPUT",
-        help="a previous bench run (another night, another checkpoint): deltas",
+        help="a previous bench run's output (another night, another checkpoint), path or URI: deltas",
     )
     run.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: a local Ray")
     run.add_argument("--overwrite", action="store_true", help="start every benchmark afresh")

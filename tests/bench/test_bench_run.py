@@ -79,7 +79,9 @@ def test_bench_run_on_200_questions(tmp_path, tiny_checkpoint, photos):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     progress = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(progress) == 1 and progress[0].startswith("progress: 180/180 rows (100%), 179 ok, 1 error | ")
+    assert len(progress) == 1 and progress[0].startswith(
+        "progress [MMBench_DEV_EN]: 180/180 rows (100%), 179 ok, 1 error | "
+    )
     stdout = run.stdout.splitlines()
     table = [line for line in stdout if line.startswith("|")]
     assert stdout == [*table, stdout[-1]] and stdout[-1].startswith(f"report: {out / 'report.md'}")
@@ -162,7 +164,7 @@ def test_bench_run_resumes_after_sigkill(tmp_path, tiny_checkpoint, photos, kill
     rerun = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     missing = 200 - len(before)
-    assert rerun.stderr.startswith(f"progress: {missing}/{missing} rows (100%)")
+    assert rerun.stderr.startswith(f"progress [MMBench_DEV_EN]: {missing}/{missing} rows (100%)")
     summary = json.loads((predictions / "_run.json").read_text())
     assert summary["skipped_already_done"] == len(before) and summary["this_run"]["rows"] == missing
     assert sorted(committed(predictions)) == sorted(str(r["index"]) for r in rows)  # every question once

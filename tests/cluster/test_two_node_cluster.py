@@ -147,9 +147,9 @@ def test_losing_the_worker_node_mid_run_loses_no_row_and_prints_nothing_of_rays(
     assert job.returncode == 0, out
     ids = committed_ids(output)
     assert sorted(ids) == [f"img-{i:03d}" for i in range(ROWS)], out  # every id, exactly once
+    # Whatever Ray says of the loss (when its heartbeat check marks the node dead before the job ends: a
+    # matter of timing) goes to the driver's log; test_console_output checks where such lines go.
     assert [line for line in out.splitlines() if not OWN_LINE.match(line)] == [], out
-    logs = Path(re.search(r"^Ray logs: (\S+)", out, re.MULTILINE)[1])
-    assert any("127.0.0.2" in p.read_text(errors="replace") for p in logs.glob("ovis-batch-driver*.log"))
 
 
 def test_a_driver_without_the_clusters_auth_mode_is_told_what_to_set(

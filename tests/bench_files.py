@@ -1,7 +1,9 @@
-"""Benchmark files in VLMEvalKit's TSV layout, built from scikit-image photos (base64 PNG), for the tests.
+"""Benchmark files in VLMEvalKit's TSV layout, built from scikit-image photos (base64 PNG), for the tests
+of `bench` (tests/bench/) and of `bench` against an object store (tests/storage/).
 
 Nothing here downloads. `write_tsv` writes rows as VLMEvalKit's files hold them (tab-separated, a header,
-empty cells for missing values); the builders make the benchmark kinds the tests need.
+empty cells for missing values), to a local path or a URI; the builders make the benchmark kinds the
+tests need.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ovis_batch.storage import location
+
 OPTION_TEXTS = ["a cat", "an astronaut", "a cup of coffee", "a rocket"]
 
 
@@ -24,10 +28,11 @@ def photo_base64(photo: np.ndarray, width: int, height: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def write_tsv(path: Path, rows: list[dict]) -> Path:
-    """Rows as a VLMEvalKit TSV file (columns in first-seen order, missing cells empty)."""
+def write_tsv(path: Path | str, rows: list[dict]) -> Path | str:
+    """Rows as a VLMEvalKit TSV file (columns in first-seen order, missing cells empty); `path` is a local
+    path or a URI."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    pd.DataFrame(rows, columns=columns).to_csv(path, sep="\t", index=False)
+    location(path).write_text(pd.DataFrame(rows, columns=columns).to_csv(sep="\t", index=False))
     return path
 
 
