@@ -30,6 +30,8 @@ from PIL import Image
 SIZES = {
     # name: (llm hidden, layers, heads, kv heads, head_dim, mlp, tied, vit layers, vit hidden, vit heads, vit mlp)
     "tiny": (48, 3, 4, 2, 16, 96, True, 3, 32, 2, 64),
+    # Bigger than tiny, small enough for CPU engine comparisons: head size 64 (vLLM's CPU attention needs it)
+    "small": (256, 4, 4, 2, 64, 768, True, 4, 128, 2, 512),
     "2b": (2048, 28, 16, 8, 128, 6144, True, 27, 1152, 16, 4304),
     "9b": (4096, 36, 32, 8, 128, 12288, False, 27, 1152, 16, 4304),
 }

@@ -5,7 +5,7 @@
 #
 # It installs the project into a fresh venv with the machine's own torch (CUDA build) without touching a
 # registry (the device machine reaches none): dependencies the image lacks come as wheels under ./wheels
-# (transformers>=5.22, pydantic, ray, faiss-cpu; flash-attn for the varlen kernel; vLLM with its own
+# (transformers>=5.19, pydantic, ray, faiss-cpu; flash-attn for the varlen kernel; vLLM with its own
 # torch for the engines step), installed with --no-deps. It runs the GPU-marked tests, then the benchmarks on
 # random weights of the real 2B and 9B sizes, and prints each table. Each step has its own time limit and
 # a failure does not stop the next one: the figures that could be measured are always printed.
@@ -27,7 +27,8 @@ pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 ls wheels/*.whl >/dev/null 2>&1 && pip install -q --no-deps wheels/*.whl
 python -c "import torch, transformers, importlib.util as u; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'flash_attn', u.find_spec('flash_attn') is not None, 'vllm', u.find_spec('vllm') is not None)"
 
-step gpu-tests 180 python -m pytest -q -m gpu tests/model/test_attention.py tests/pipeline/test_vllm_job.py
+# the real-vLLM tests too (marked vllm; the CUDA build gives each replica a GPU)
+step gpu-tests 300 python -m pytest -q -m "gpu or vllm" tests/model/test_attention.py tests/model/test_vllm_real_engine.py tests/pipeline/test_vllm_job.py
 # hf vs vllm vs the one-at-a-time floor, 2B then 9B (vLLM rows are skipped, and said so, without vLLM)
 step engines 420 python benchmarks/bench_engines.py --sizes 2b,9b --images 32 --floor-images 2 --new-tokens 256,1024 --thinking off,on
 step model-2b-9b 300 python benchmarks/bench_gpu_model.py --sizes 2b,9b --batch 8 --new-tokens 128 --repeats 2

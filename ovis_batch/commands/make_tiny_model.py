@@ -19,6 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Qwen3's vocabulary size and special-token ids (what vLLM's Ovis2.5 needs)",
     )
+    p.add_argument(
+        "--head-dim",
+        type=int,
+        default=16,
+        help="the language model's attention head size (vLLM's CPU build needs 32, 64, 80, ...; default 16)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -27,7 +33,11 @@ def run(args: argparse.Namespace) -> int:
     from ovis_batch.model.tiny import make_tiny_model
 
     path = make_tiny_model(
-        args.dir, seed=args.seed, overwrite=args.overwrite, official_vocab=args.official_vocab
+        args.dir,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        official_vocab=args.official_vocab,
+        head_dim=args.head_dim,
     )
     print(f"wrote a tiny RANDOM-WEIGHT Ovis2.5 checkpoint (outputs are meaningless) to {path}")
     return 0

@@ -24,7 +24,13 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, Qwen3ForCausalLM
 from transformers.activations import ACT2FN
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+try:  # transformers >= 5.22 declares sub-configs with specs; older releases with a plain class dict
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:
+    SubConfigSpec = None
 
 # Placeholder ids used in prompt id sequences (upstream's convention, kept so that prompt ids compare).
 IMAGE_PLACEHOLDER_ID = -200
@@ -64,16 +70,31 @@ class Ovis2_5Config(PreTrainedConfig):
     """The whole model: `llm_config` (Qwen3), `vit_config` (SigLIP2 NaViT) and the visual vocabulary."""
 
     model_type = "ovis2_5"
-    sub_configs_defaults = {
-        "llm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3"),
-        "vit_config": SubConfigSpec(config_class=Siglip2NavitConfig),
-    }
+    # Both declarations say the same; which one transformers reads depends on its release (5.19, which
+    # vLLM's CPU build accepts, reads `sub_configs`; 5.22 on, `sub_configs_defaults`).
+    if SubConfigSpec is None:
+        sub_configs = {"llm_config": AutoConfig, "vit_config": Siglip2NavitConfig}
+    else:
+        sub_configs_defaults = {
+            "llm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3"),
+            "vit_config": SubConfigSpec(config_class=Siglip2NavitConfig),
+        }
 
     llm_config: dict | PreTrainedConfig | None = None
     vit_config: dict | PreTrainedConfig | None = None
     visual_vocab_size: int = 65536
     hidden_size: int | None = None
     conversation_formatter_class: str | None = None
+
+    def __post_init__(self, **kwargs):
+        # Built here rather than by transformers, whose releases before 5.22 leave dicts as they are
+        # (a config object passes through unchanged in every release).
+        if not isinstance(self.llm_config, PreTrainedConfig):
+            llm = self.llm_config or {}
+            self.llm_config = CONFIG_MAPPING[llm.get("model_type", "qwen3")](**llm)
+        if not isinstance(self.vit_config, PreTrainedConfig):
+            self.vit_config = Siglip2NavitConfig(**(self.vit_config or {}))
+        super().__post_init__(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- vision

@@ -1,6 +1,7 @@
 """A tiny random-weight Ovis2.5 checkpoint in the official layout, for tests and demos.
 
     ovis-batch make-tiny-model /tmp/tiny-ovis
+    ovis-batch make-tiny-model /tmp/tiny-ovis-vllm --official-vocab --head-dim 32   # one vLLM runs, on CPU too
 
 The folder holds what a released checkpoint holds (config.json with `llm_config` / `vit_config`, two
 safetensors shards plus `model.safetensors.index.json`, a Qwen2 BPE tokenizer with the real Qwen3
@@ -12,6 +13,8 @@ Shapes follow the upstream parity fixture in tests/data (hidden 48, 3 LLM layers
 that attention width differs from the hidden size; a 3-layer 32-wide SigLIP2 NaViT with a 10x10
 position table; tied word embeddings as in Ovis2.5-2B). A few embedding rows are rescaled so that
 greedy decoding emits printable text and reaches `<|im_end|>` and `</think>` on random weights.
+`--official-vocab` gives the tokenizer Qwen3's ids (vLLM hard-codes some), `--head-dim` another attention
+head size (vLLM's CPU attention takes 32, 64, 80, ... only).
 """
 
 from __future__ import annotations
@@ -166,7 +169,7 @@ def _write_tokenizer(folder: Path, template: str, *, official_vocab: bool = Fals
     return {c: fast.convert_tokens_to_ids(c) for c, _ in QWEN3_ADDED_TOKENS} | {"__len__": len(fast)}
 
 
-def _config(ids: dict[str, int], *, official_vocab: bool = False) -> dict:
+def _config(ids: dict[str, int], *, official_vocab: bool = False, head_dim: int = LLM["head_dim"]) -> dict:
     # Padded past the tokenizer, as Qwen's 151936 is.
     vocab = OFFICIAL_VOCAB_SIZE if official_vocab else (ids["__len__"] + 63) // 64 * 64
     llm_config = {
@@ -176,7 +179,7 @@ def _config(ids: dict[str, int], *, official_vocab: bool = False) -> dict:
         "attention_dropout": 0.0,
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
-        "head_dim": LLM["head_dim"],
+        "head_dim": head_dim,
         "hidden_act": "silu",
         "hidden_size": LLM["hidden"],
         "initializer_range": 0.02,
@@ -231,6 +234,9 @@ def _config(ids: dict[str, int], *, official_vocab: bool = False) -> dict:
         "torch_dtype": "float32",
         "use_cache": True,
         "visual_vocab_size": VISUAL_VOCAB,
+        # As in the released config.json; without it transformers 5.19 takes any local folder for a
+        # Mistral tokenizer and warns that its tokenisation is wrong.
+        "transformers_version": "4.51.3",
     }
 
 
@@ -249,18 +255,30 @@ def _nonprintable_byte_ids(folder: Path) -> list[int]:
     )
 
 
+def _filler_ids(folder: Path) -> list[int]:
+    """Ids of the unreachable entries `_pad_base_vocab` added (none without the official vocabulary)."""
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    return sorted(i for t, i in vocab.items() if t.startswith("<|filler_"))
+
+
 def _random_state(config_dict: dict, ids: dict[str, int], folder: Path, seed: int) -> dict[str, torch.Tensor]:
     from ovis_batch.model.ovis2_5 import Ovis2_5Config, Ovis2_5ForConditionalGeneration
 
     config = Ovis2_5Config(**{k: v for k, v in config_dict.items() if not k.startswith("_")})
     model = Ovis2_5ForConditionalGeneration(config)
     generator = torch.Generator().manual_seed(seed)
+    # Wider heads give o_proj a wider input: its draw shrinks so that attention adds to the residual stream
+    # what it adds at the default head size (the scales above were tuned there).
+    o_proj_scale = (LLM["head_dim"] / config.llm_config.head_dim) ** 0.5
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             mean, std = next((m, s) for key, m, s in INIT_RULES if key in name)
+            if "llm." in name and "o_proj" in name:
+                std *= o_proj_scale
             param.copy_(torch.randn(param.shape, generator=generator) * std + mean)
         emb = model.llm.model.embed_tokens.weight
         emb[ids["__len__"] :] = 0.0  # vocabulary padding rows are never produced
+        emb[_filler_ids(folder)] = 0.0  # nor the official vocabulary's filler entries (tied: zero logits)
         shrink = [i for c, i in ids.items() if c not in ("<|im_end|>", "</think>", "__len__")]
         emb[shrink + _nonprintable_byte_ids(folder)] *= 0.05
         emb[ids["<|im_end|>"]] *= 2.2
@@ -320,17 +338,24 @@ def staged_checkpoint_folder(path: str | os.PathLike, *, overwrite: bool) -> Ite
 
 
 def make_tiny_model(
-    path: str | os.PathLike, *, seed: int = 0, overwrite: bool = False, official_vocab: bool = False
+    path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    overwrite: bool = False,
+    official_vocab: bool = False,
+    head_dim: int = LLM["head_dim"],
 ) -> Path:
     """Write the tiny checkpoint to `path` (atomically: a temporary sibling folder, then a rename).
 
     `official_vocab`: Qwen3's vocabulary size and special-token ids (151643 on), with filler entries
     the tokenizer never produces; vLLM's Ovis2.5 needs them (it hard-codes the image indicator ids).
+    `head_dim`: the language model's attention head size (16 by default, as the parity fixture; vLLM's
+    CPU attention takes 32, 64, 80, ... only).
     """
     with staged_checkpoint_folder(path, overwrite=overwrite) as staging:
         template = json.loads(_asset("ovis2_5_chat_template.json"))["chat_template"]
         ids = _write_tokenizer(staging, template, official_vocab=official_vocab)
-        config = _config(ids, official_vocab=official_vocab)
+        config = _config(ids, official_vocab=official_vocab, head_dim=head_dim)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         write_sharded_safetensors(_random_state(config, ids, staging, seed), staging)
         generation = {

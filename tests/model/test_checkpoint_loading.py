@@ -71,6 +71,23 @@ def test_make_tiny_model_command(tmp_path, capsys):
     assert model.module.llm.config.num_hidden_layers == 3
 
 
+def test_make_tiny_model_for_vllm_head_size_and_official_vocabulary(tmp_path, tiny_model):
+    """`--official-vocab --head-dim 32`: Qwen3's ids, a head size vLLM's CPU attention takes, filler
+    entries that greedy decoding never picks, and attention adding what it adds at the default size."""
+    assert cli(["make-tiny-model", str(tmp_path / "v"), "--official-vocab", "--head-dim", "32"]) == 0
+    model = ovis_batch.load_model(tmp_path / "v")
+    llm = model.module.llm
+    assert (llm.config.head_dim, llm.config.vocab_size) == (32, 151936)
+    assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    fillers = [i for t, i in model.tokenizer.get_vocab().items() if t.startswith("<|filler_")]
+    assert len(fillers) > 150_000 and not llm.model.embed_tokens.weight[fillers].any()
+    default = tiny_model.module.llm.model.layers[0].self_attn.o_proj.weight
+    wider = llm.model.layers[0].self_attn.o_proj.weight
+    assert wider.shape[1] == 2 * default.shape[1]
+    # Twice the inputs at 1/sqrt(2) the spread: the same output scale (within sampling error).
+    assert wider.std().item() * 2**0.5 == pytest.approx(default.std().item(), rel=0.05)
+
+
 def test_loaded_weights_equal_the_files(tiny_model, tiny_checkpoint):
     state = tiny_model.module.state_dict()
     for shard in sorted(tiny_checkpoint.glob("*.safetensors")):

