@@ -28,21 +28,14 @@ def photo_manifest(
     return folder / "manifest.parquet"
 
 
-def caption_command(manifest: Path, output: Path, model: Path, *args: str) -> list[str]:
-    """`python -m ovis_batch.cli caption --manifest ... --output ... --model ...` and `args`."""
-    return [
-        sys.executable,
-        "-m",
-        "ovis_batch.cli",
-        "caption",
-        "--manifest",
-        str(manifest),
-        "--output",
-        str(output),
-        "--model",
-        str(model),
-        *args,
-    ]
+def caption_args(manifest: str | Path, output: str | Path, model: str | Path, *args: str) -> list[str]:
+    """`caption --manifest ... --output ... --model ...` and `args`: the command line's arguments."""
+    return ["caption", "--manifest", str(manifest), "--output", str(output), "--model", str(model), *args]
+
+
+def caption_command(manifest: str | Path, output: str | Path, model: str | Path, *args: str) -> list[str]:
+    """`python -m ovis_batch.cli caption ...` (`caption_args`) for a process of its own."""
+    return [sys.executable, "-m", "ovis_batch.cli", *caption_args(manifest, output, model, *args)]
 
 
 def committed_ids(output: Path, id_column: str = "image_id") -> list[str]:

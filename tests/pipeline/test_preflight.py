@@ -8,6 +8,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from caption_cli import caption_args
 from PIL import Image
 
 from ovis_batch.cli import main as cli
@@ -61,18 +62,7 @@ def test_a_budget_without_room_for_the_forced_ending_is_refused_before_work(
     output = tmp_path / "out"
     settings = ["thinking=true", "thinking_budget=16", "max_new_tokens=48"]
     assert 16 + ending + 1 > 48  # the settings of the report: they pass the settings' own validation
-    status = cli(
-        [
-            "caption",
-            "--manifest",
-            str(manifest),
-            "--output",
-            str(output),
-            "--model",
-            str(official_vocab_checkpoint),
-            *settings,
-        ]
-    )
+    status = cli(caption_args(manifest, output, official_vocab_checkpoint, *settings))
     assert status == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from caption_cli import caption_command, committed_ids
 from PIL import Image
 
 N_ROWS = 160
@@ -28,13 +27,6 @@ SETTINGS = [
 ]
 
 
-def committed(output: Path) -> list[str]:
-    ids: list[str] = []
-    for shard in sorted(output.glob("part-*.parquet")):
-        ids += pq.read_table(shard, columns=["image_id"]).column(0).to_pylist()
-    return ids
-
-
 def test_sigkill_midway_then_resume(tmp_path, tiny_checkpoint, photos, kill_process_tree):
     rng = np.random.default_rng(0)
     rows = []
@@ -46,19 +38,7 @@ def test_sigkill_midway_then_resume(tmp_path, tiny_checkpoint, photos, kill_proc
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     output = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "ovis_batch.cli",
-        "caption",
-        "--manifest",
-        str(manifest),
-        "--output",
-        str(output),
-        "--model",
-        str(tiny_checkpoint),
-        *SETTINGS,
-    ]
+    command = caption_command(manifest, output, tiny_checkpoint, *SETTINGS)
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     # A session of its own, so that one SIGKILL reaches the driver and every Ray process it started.
     job = subprocess.Popen(
@@ -66,13 +46,13 @@ def test_sigkill_midway_then_resume(tmp_path, tiny_checkpoint, photos, kill_proc
     )
     deadline = time.monotonic() + 240
     try:
-        while len(committed(output)) < 6:
+        while len(committed_ids(output)) < 6:
             assert job.poll() is None, "the job finished before it could be killed; make it longer"
             assert time.monotonic() < deadline, "no shard committed within 240 s"
             time.sleep(0.2)
     finally:
         kill_process_tree(job)
-    before = committed(output)
+    before = committed_ids(output)
     assert 6 <= len(before) < N_ROWS, "the kill must land midway"
     assert len(before) == len(set(before))
     assert not (output / "_run.json").exists()  # written last: its absence marks the killed run
@@ -80,7 +60,7 @@ def test_sigkill_midway_then_resume(tmp_path, tiny_checkpoint, photos, kill_proc
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((output / "_run.json").read_text())
-    after = committed(output)
+    after = committed_ids(output)
     assert sorted(after) == sorted(r["image_id"] for r in rows)  # every id, exactly once
     assert summary["skipped_already_done"] == len(before)
     assert summary["this_run"]["rows"] == N_ROWS - len(before)  # only the missing ids were processed

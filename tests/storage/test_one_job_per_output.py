@@ -11,12 +11,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from caption_cli import caption_command
 from PIL import Image
 
 from ovis_batch.lease import LeaseHeldError
@@ -63,22 +63,6 @@ def committed(output: Location) -> list[str]:
     return ids
 
 
-def caption_command(manifest: str, output: Location, model, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "ovis_batch.cli",
-        "caption",
-        "--manifest",
-        manifest,
-        "--output",
-        output.uri,
-        "--model",
-        str(model),
-        *extra,
-    ]
-
-
 def start(command: list[str]) -> subprocess.Popen:
     # A session of its own, so that the kill below reaches the driver and every Ray process it started.
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
@@ -120,7 +104,7 @@ def test_on_the_bucket_a_second_job_stops_and_a_killed_one_is_resumed_exactly_on
     root = location(bucket).join("one-job")
     rows = 10
     manifest, output = write_manifest(root, photos, rows), root.join("out")
-    first = start(caption_command(manifest, output, tiny_checkpoint, *SLOW, "lease_timeout_s=6"))
+    first = start(caption_command(manifest, output.uri, tiny_checkpoint, *SLOW, "lease_timeout_s=6"))
     try:
         wait_for(lambda: len(committed(output)) >= 2, first, "a committed shard")
         started = time.monotonic()
@@ -161,7 +145,7 @@ def test_on_a_local_disk_a_second_job_stops_or_waits_and_takes_over_from_a_kille
 ):
     root = location(tmp_path)
     manifest, output = write_manifest(root, photos, 3), root.join("out")
-    first = start(caption_command(manifest, output, tiny_checkpoint, *SLOW))
+    first = start(caption_command(manifest, output.uri, tiny_checkpoint, *SLOW))
     try:
         wait_for(output.join("_lease.json").exists, first, "lease", seconds=120)
         with pytest.raises(LeaseHeldError, match=held_by(output, first)):
