@@ -3,6 +3,7 @@ referred to by relative paths, the `ovis-batch caption` command line, and the id
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -44,3 +45,15 @@ def committed_ids(output: Path, id_column: str = "image_id") -> list[str]:
     for shard in sorted(Path(output).glob("part-*.parquet")):
         ids += pq.read_table(shard, columns=[id_column]).column(0).to_pylist()
     return ids
+
+
+def sigint_as_in_a_terminal() -> None:
+    """`preexec_fn` for a job that Ctrl-C must reach: SIGINT handled as in a terminal's foreground job,
+    whatever the test runner inherited (a runner started with `&` passes SIGINT on ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def sigint_ignored() -> None:
+    """`preexec_fn` for a job started as a script starts it in the background (`ovis-batch caption ... &`,
+    cron): SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

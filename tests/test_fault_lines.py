@@ -5,6 +5,8 @@ object-store errors, Ctrl-C; and the stall watchdog's reports and stop, on a clo
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import socket
 import threading
 import time
@@ -16,7 +18,7 @@ from ovis_batch.errors import EXIT_FAULT, EXIT_INTERRUPTED, JobFault
 from ovis_batch.faults import describe_fault, faults_in_one_line, job_fault
 from ovis_batch.model.checkpoint import CheckpointError
 from ovis_batch.pipeline.resources import ResourcePlanError
-from ovis_batch.pipeline.watchdog import JobStalled, StallWatchdog, what_ray_waits_for
+from ovis_batch.pipeline.watchdog import STALL_SIGNAL, JobStalled, StallWatchdog, what_ray_waits_for
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +156,33 @@ def test_the_watchdog_reports_a_stall_every_period_and_stops_past_the_limit():
     )
 
 
-def test_a_stalled_job_is_interrupted_and_leaves_with_job_stalled():
+@pytest.mark.parametrize("sigint", ["as in a terminal", "ignored, as in a job started with &"])
+def test_a_stalled_job_is_interrupted_and_leaves_with_job_stalled(sigint):
     watchdog = StallWatchdog(report_s=0.2, timeout_s=0.5, note=lambda text: None, diagnose=lambda: "nothing")
-    with pytest.raises(JobStalled, match=r"stall_timeout_s=0.5"), watchdog.watching(poll_s=0.05):
-        time.sleep(30)  # a job waiting on Ray that never returns
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(STALL_SIGNAL)
+    if sigint.startswith("ignored"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(JobStalled, match=r"stall_timeout_s=0.5"), watchdog.watching(poll_s=0.05):
+            deadline = time.monotonic() + 30
+            while (
+                time.monotonic() < deadline
+            ):  # a job in Ray's wait, which polls, for a result that never comes
+                time.sleep(0.05)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(STALL_SIGNAL)) == (
+            signal.SIG_IGN if sigint.startswith("ignored") else saved[0],
+            saved[1],
+        )
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+
+
+def test_the_watchdogs_signal_from_outside_is_no_stall():
+    watchdog = StallWatchdog(report_s=60, timeout_s=120, note=lambda text: None, diagnose=lambda: "nothing")
+    with watchdog.watching(poll_s=0.05):
+        os.kill(os.getpid(), STALL_SIGNAL)
+        time.sleep(0.2)  # the handler has run by now, and let the job go on
+    assert watchdog.stalled is None
 
 
 def test_outside_the_main_thread_the_watchdog_only_reports():

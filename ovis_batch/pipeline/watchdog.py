@@ -12,6 +12,7 @@ times above the model's load time plus one shard's work.
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,11 @@ from contextlib import contextmanager
 
 from ovis_batch.errors import RunFailure
 from ovis_batch.progress import format_duration
+
+# The signal number the watchdog's interruption is simulated under (`_thread.interrupt_main`: nothing is sent
+# to the process). Not SIGINT: a job started in the background by a script (`ovis-batch caption ... &`)
+# inherits SIGINT ignored, and Python then drops a simulated SIGINT too: the stall would never stop it.
+STALL_SIGNAL = signal.SIGUSR2
 
 
 class JobStalled(RunFailure):
@@ -107,10 +113,17 @@ class StallWatchdog:
         def watch() -> None:
             while not stop.wait(poll_s):
                 if self.check():
-                    _thread.interrupt_main()  # the job's thread is in Ray's wait: a KeyboardInterrupt ends it
+                    _thread.interrupt_main(STALL_SIGNAL)  # the job's thread is in Ray's wait
                     return
 
-        if threading.current_thread() is not threading.main_thread():
+        def interrupt(signum, frame) -> None:
+            if self.stalled is not None:  # a real SIGUSR2 from outside is not a stall: ignored
+                raise KeyboardInterrupt  # as Ctrl-C does: Ray's wait lets it through, not its own errors
+
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            previous = signal.signal(STALL_SIGNAL, interrupt)
+        else:
             self.timeout_s = None  # only the main thread can be interrupted: report, never stop
         thread = threading.Thread(target=watch, name="stall-watchdog", daemon=True)
         thread.start()
@@ -123,3 +136,5 @@ class StallWatchdog:
         finally:
             stop.set()
             thread.join()
+            if in_main:
+                signal.signal(STALL_SIGNAL, previous)

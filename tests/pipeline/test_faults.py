@@ -15,7 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from caption_cli import caption_command, committed_ids, photo_manifest
+from caption_cli import (
+    caption_command,
+    committed_ids,
+    photo_manifest,
+    sigint_as_in_a_terminal,
+    sigint_ignored,
+)
 
 from ovis_batch.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE
 
@@ -40,14 +46,24 @@ def manifest(tmp_path_factory, photos) -> Path:
     )
 
 
-def caption(manifest: Path, output: Path, model: Path, *extra: str, fault: str | None = None):
-    """The caption command in a process of its own, with `fault` injected into every process of the job."""
+def caption(
+    manifest: Path, output: Path, model: Path, *extra: str, fault: str | None = None, background=False
+):
+    """The caption command in a process of its own, with `fault` injected into every process of the job,
+    started as in a terminal (Ctrl-C reaches it) or, `background`, as a script's `&` starts it."""
     env = dict(os.environ)
     if fault:
         env["OVIS_BATCH_TEST_FAULT"] = fault
         env["PYTHONPATH"] = os.pathsep.join([INJECTION, *filter(None, [env.get("PYTHONPATH")])])
     command = caption_command(manifest, output, model, "--progress-interval", "1", *SETTINGS, *extra)
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=sigint_ignored if background else sigint_as_in_a_terminal,
+    )
 
 
 def finish(job: subprocess.Popen, timeout: float = 300) -> tuple[int, list[str]]:
@@ -164,7 +180,16 @@ def test_a_job_that_commits_nothing_for_too_long_is_stopped_with_what_ray_waits_
     manifest, tiny_checkpoint, tmp_path
 ):
     output = tmp_path / "out"
-    job = caption(manifest, output, tiny_checkpoint, "stall_report_s=3", "stall_timeout_s=8", fault="hang")
+    # Started as a nightly script starts it, SIGINT ignored: the watchdog's interruption does not need it.
+    job = caption(
+        manifest,
+        output,
+        tiny_checkpoint,
+        "stall_report_s=3",
+        "stall_timeout_s=8",
+        fault="hang",
+        background=True,
+    )
     status, lines = finish(job)
     assert status == EXIT_FAULT, lines
     stalled = [line for line in lines if line.startswith("stalled: ")]

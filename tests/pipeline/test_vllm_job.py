@@ -25,7 +25,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from caption_cli import caption_command, committed_ids
+from caption_cli import caption_command, committed_ids, sigint_as_in_a_terminal
 from PIL import Image
 
 pytestmark = pytest.mark.vllm
@@ -181,7 +181,13 @@ def start_and_wait(command: list[str], output: Path, shards: int) -> tuple[subpr
     processes."""
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     job = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        start_new_session=True,
+        preexec_fn=sigint_as_in_a_terminal,  # Ctrl-C reaches it whatever this test runner inherited
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 600
     while len(committed_ids(output)) < shards:
