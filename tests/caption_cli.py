@@ -3,6 +3,7 @@ referred to by relative paths, the `ovis-batch caption` command line, and the id
 
 from __future__ import annotations
 
+import io
 import signal
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from ovis_batch.storage import Location, location
 
 
 def photo_manifest(
@@ -39,11 +42,12 @@ def caption_command(manifest: str | Path, output: str | Path, model: str | Path,
     return [sys.executable, "-m", "ovis_batch.cli", *caption_args(manifest, output, model, *args)]
 
 
-def committed_ids(output: Path, id_column: str = "image_id") -> list[str]:
-    """Every id in the output's committed shards, duplicates included."""
+def committed_ids(output: str | Path | Location, id_column: str = "image_id") -> list[str]:
+    """Every id in the output's committed shards, duplicates included; a local path or any URI."""
     ids = []
-    for shard in sorted(Path(output).glob("part-*.parquet")):
-        ids += pq.read_table(shard, columns=[id_column]).column(0).to_pylist()
+    for shard in location(output).files():
+        if shard.name.startswith("part-") and shard.name.endswith(".parquet"):
+            ids += pq.read_table(io.BytesIO(shard.read_bytes()), columns=[id_column]).column(0).to_pylist()
     return ids
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from bench_files import circular_rows, photo_base64, write_tsv
+from caption_cli import committed_ids
 
 from ovis_batch.bench.prepare import PrepareOptions, prepare_benchmark
 from ovis_batch.eval import answers as ans
@@ -47,11 +48,6 @@ def benchmark_file(tmp_path: Path, photos) -> tuple[Path, list[dict]]:
 def bench_command(config: Path, model: Path, out: Path) -> list[str]:
     command = [sys.executable, "-m", "ovis_batch.cli", "bench", "run", "--config", str(config)]
     return [*command, "--model", str(model), "--output", str(out), "--progress-interval", "3600"]
-
-
-def committed(predictions: Path) -> list[str]:
-    shards = sorted(predictions.glob("part-*.parquet"))
-    return [i for shard in shards for i in pq.read_table(shard, columns=["index"]).column(0).to_pylist()]
 
 
 def test_bench_run_on_200_questions(tmp_path, tiny_checkpoint, photos):
@@ -89,7 +85,9 @@ def test_bench_run_on_200_questions(tmp_path, tiny_checkpoint, photos):
     assert header == ["benchmark", "questions", "error rows", "unparseable", "metric", "value"]
     summary = json.loads((bench / "predictions" / "_run.json").read_text())
     assert summary["skipped_already_done"] == 20 and summary["this_run"]["rows"] == 180
-    assert sorted(committed(bench / "predictions")) == sorted(str(r["index"]) for r in rows)  # exactly once
+    assert sorted(committed_ids(bench / "predictions", "index")) == sorted(
+        str(r["index"]) for r in rows
+    )  # exactly once
 
     # The output folder: manifest, references, predictions, the benchmark's report, the suite's.
     for name in (
@@ -152,13 +150,13 @@ def test_bench_run_resumes_after_sigkill(tmp_path, tiny_checkpoint, photos, kill
     )
     deadline = time.monotonic() + 240
     try:
-        while len(committed(predictions)) < 8:
+        while len(committed_ids(predictions, "index")) < 8:
             assert job.poll() is None, "the run finished before it could be killed; make it longer"
             assert time.monotonic() < deadline, "no question committed within 240 s"
             time.sleep(0.1)
     finally:
         kill_process_tree(job)
-    before = committed(predictions)
+    before = committed_ids(predictions, "index")
     assert 8 <= len(before) < 200 and not (out / "metrics.json").exists()
 
     rerun = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=400)
@@ -167,6 +165,8 @@ def test_bench_run_resumes_after_sigkill(tmp_path, tiny_checkpoint, photos, kill
     assert rerun.stderr.startswith(f"progress [MMBench_DEV_EN]: {missing}/{missing} rows (100%)")
     summary = json.loads((predictions / "_run.json").read_text())
     assert summary["skipped_already_done"] == len(before) and summary["this_run"]["rows"] == missing
-    assert sorted(committed(predictions)) == sorted(str(r["index"]) for r in rows)  # every question once
+    assert sorted(committed_ids(predictions, "index")) == sorted(
+        str(r["index"]) for r in rows
+    )  # every question once
     suite = json.loads((out / "metrics.json").read_text())
     assert suite["benchmarks"]["MMBench_DEV_EN"]["questions"] == 200

@@ -10,6 +10,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from caption_cli import committed_ids
 from PIL import Image
 from s3_helpers import objects, scheme_named_folders
 
@@ -33,14 +34,6 @@ def put_parquet(uri: str, rows: list[dict]) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
     location(uri).write_bytes(sink.getvalue().to_pybytes())
-
-
-def committed(output: str) -> list[str]:
-    ids: list[str] = []
-    for shard in location(output).files():
-        if shard.name.startswith("part-"):
-            ids += pq.read_table(io.BytesIO(shard.read_bytes())).column("image_id").to_pylist()
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def test_caption_job_reads_images_and_writes_every_file_on_the_bucket(captioned,
     summary = captioned["summaries"][kind]
     assert summary["output"] == output and summary["complete"]
     assert summary["all_runs"] == {"ok": N_ROWS, "error": 0, "errors_by_type": {}}
-    assert sorted(committed(output)) == captioned["ids"]  # every id, exactly once
+    assert sorted(committed_ids(output)) == captioned["ids"]  # every id, exactly once
     prefix = output.removeprefix(f"{bucket}/")
     keys = {k.removeprefix(prefix + "/") for k in objects(output)}
     shards = {k for k in keys if k.startswith("part-") and k.endswith(".parquet")}

@@ -16,7 +16,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from caption_cli import caption_command
+from caption_cli import caption_command, committed_ids
 from PIL import Image
 
 from ovis_batch.lease import LeaseHeldError
@@ -53,14 +53,6 @@ def write_manifest(root: Location, photos, rows: int) -> str:
     )
     root.join("manifest.parquet").write_bytes(sink.getvalue().to_pybytes())
     return root.join("manifest.parquet").uri
-
-
-def committed(output: Location) -> list[str]:
-    ids: list[str] = []
-    for shard in output.files():
-        if shard.name.startswith("part-"):
-            ids += pq.read_table(io.BytesIO(shard.read_bytes())).column("image_id").to_pylist()
-    return ids
 
 
 def start(command: list[str]) -> subprocess.Popen:
@@ -106,14 +98,14 @@ def test_on_the_bucket_a_second_job_stops_and_a_killed_one_is_resumed_exactly_on
     manifest, output = write_manifest(root, photos, rows), root.join("out")
     first = start(caption_command(manifest, output.uri, tiny_checkpoint, *SLOW, "lease_timeout_s=6"))
     try:
-        wait_for(lambda: len(committed(output)) >= 2, first, "a committed shard")
+        wait_for(lambda: len(committed_ids(output)) >= 2, first, "a committed shard")
         started = time.monotonic()
         with pytest.raises(LeaseHeldError, match=held_by(output, first) + r".*or pass --wait-for-lease"):
             run_caption(manifest, output.uri, str(tiny_checkpoint), overrides=SLOW, quiet=True)
         assert time.monotonic() - started < 15  # refused before any work
     finally:
         kill_job(first)
-    before = committed(output)
+    before = committed_ids(output)
     assert 2 <= len(before) < rows and len(before) == len(set(before))
 
     # What a killed run can leave in _tmp/ (local disks; a shard is one PUT on object stores).
@@ -130,7 +122,7 @@ def test_on_the_bucket_a_second_job_stops_and_a_killed_one_is_resumed_exactly_on
         f"waiting: {output.uri} is in use by another caption job: host other-node, pid {first.pid}" in waited
     )
     assert time.time() >= record["expires_at"]  # it ran only once the killed job's lease had expired
-    assert sorted(committed(output)) == [f"row-{i:02d}" for i in range(rows)]  # every id, exactly once
+    assert sorted(committed_ids(output)) == [f"row-{i:02d}" for i in range(rows)]  # every id, exactly once
     assert summary["skipped_already_done"] == len(before) and summary["this_run"]["rows"] == rows - len(
         before
     )
@@ -168,5 +160,5 @@ def test_on_a_local_disk_a_second_job_stops_or_waits_and_takes_over_from_a_kille
     _, rest = waiting.communicate(timeout=400)  # the killed holder's pid is gone: taken over at once
     assert waiting.returncode == 0, rest[-3000:]
     assert f"taking over the lease of {output.uri} from a job that ended" in rest
-    assert sorted(committed(output)) == ["row-00", "row-01", "row-02"]
+    assert sorted(committed_ids(output)) == ["row-00", "row-01", "row-02"]
     assert not output.join("_lease.json").exists()
