@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,27 @@ def committed_ids(output: str | Path | Location, id_column: str = "image_id") ->
         if shard.name.startswith("part-") and shard.name.endswith(".parquet"):
             ids += pq.read_table(io.BytesIO(shard.read_bytes()), columns=[id_column]).column(0).to_pylist()
     return ids
+
+
+def wait_for_committed(
+    job: subprocess.Popen,
+    output: str | Path | Location,
+    count: int = 1,
+    *,
+    id_column: str = "image_id",
+    timeout_s: float = 240,
+) -> None:
+    """Return once `output` holds `count` committed ids while `job` runs (to stop it midway). Fails when
+    the job ends first (with its output, when it is captured: make the job longer) or after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while len(committed_ids(output, id_column)) < count:
+        if job.poll() is not None:
+            said = job.communicate()[0] if job.stdout else ""
+            raise AssertionError(
+                f"the job ended (exit {job.returncode}) before {count} ids were committed; make it longer\n{said}"
+            )
+        assert time.monotonic() < deadline, f"fewer than {count} ids committed within {timeout_s:g} s"
+        time.sleep(0.2)
 
 
 def sigint_as_in_a_terminal() -> None:

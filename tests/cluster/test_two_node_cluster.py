@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from caption_cli import caption_command, committed_ids, photo_manifest
+from caption_cli import caption_command, committed_ids, photo_manifest, wait_for_committed
 from cluster_helpers import LocalCluster
 
 from ovis_batch.errors import EXIT_USAGE
@@ -133,10 +133,7 @@ def test_losing_the_worker_node_mid_run_loses_no_row_and_prints_nothing_of_rays(
         assert other.stdout.readline().strip() == "holding the head"
         output = tmp_path / "out"
         job = caption(cluster, manifest, output, tiny_checkpoint, "decode_workers=1", "max_new_tokens=96")
-        deadline = time.monotonic() + 240
-        while not committed_ids(output):  # the first shard: the actors work on the worker node
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
-            time.sleep(0.2)
+        wait_for_committed(job, output)  # the first shard: the actors work on the worker node
         cluster.kill_node("127.0.0.2")
         before = committed_ids(output)
     finally:

@@ -21,6 +21,7 @@ from caption_cli import (
     photo_manifest,
     sigint_as_in_a_terminal,
     sigint_ignored,
+    wait_for_committed,
 )
 
 from ovis_batch.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE
@@ -163,10 +164,7 @@ def test_a_model_folder_a_replica_cannot_read_ends_in_one_line(manifest, tiny_ch
 def test_ctrl_c_ends_in_one_line_and_the_rerun_resumes(manifest, tiny_checkpoint, tmp_path):
     output = tmp_path / "out"
     job = caption(manifest, output, tiny_checkpoint, "max_new_tokens=48")
-    deadline = time.monotonic() + 240
-    while not committed_ids(output):
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
-        time.sleep(0.2)
+    wait_for_committed(job, output)
     job.send_signal(signal.SIGINT)
     status, lines = finish(job)
     assert status == EXIT_INTERRUPTED, lines

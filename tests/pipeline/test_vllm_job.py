@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from caption_cli import caption_command, committed_ids, sigint_as_in_a_terminal
+from caption_cli import caption_command, committed_ids, sigint_as_in_a_terminal, wait_for_committed
 from PIL import Image
 
 pytestmark = pytest.mark.vllm
@@ -189,11 +188,7 @@ def start_and_wait(command: list[str], output: Path, shards: int) -> tuple[subpr
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 600
-    while len(committed_ids(output)) < shards:
-        assert job.poll() is None, "the job finished before it could be stopped; make it longer"
-        assert time.monotonic() < deadline, f"fewer than {shards} shards committed within 600 s"
-        time.sleep(0.2)
+    wait_for_committed(job, output, shards, timeout_s=600)
     engines = engine_processes(job.pid)
     assert engines, "the vLLM replica runs its engine in processes of its own"
     return job, engines

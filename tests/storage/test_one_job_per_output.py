@@ -16,7 +16,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from caption_cli import caption_command, committed_ids
+from caption_cli import caption_command, committed_ids, wait_for_committed
 from PIL import Image
 
 from ovis_batch.lease import LeaseHeldError
@@ -98,7 +98,7 @@ def test_on_the_bucket_a_second_job_stops_and_a_killed_one_is_resumed_exactly_on
     manifest, output = write_manifest(root, photos, rows), root.join("out")
     first = start(caption_command(manifest, output.uri, tiny_checkpoint, *SLOW, "lease_timeout_s=6"))
     try:
-        wait_for(lambda: len(committed_ids(output)) >= 2, first, "a committed shard")
+        wait_for_committed(first, output, 2)
         started = time.monotonic()
         with pytest.raises(LeaseHeldError, match=held_by(output, first) + r".*or pass --wait-for-lease"):
             run_caption(manifest, output.uri, str(tiny_checkpoint), overrides=SLOW, quiet=True)
